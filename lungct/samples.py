@@ -1,0 +1,272 @@
+"""Candidate samples: which slices (or images) could enter the dataset, with their labels.
+
+Three label sources, in order of trust (DESIGN.md section 3): LIDC XML readings, a labels CSV
+given by the user, class-named folders. A candidate records everything the manifest needs;
+rendering it to a PNG is lungct.render's job, choosing among candidates lungct.dataset's.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from lungct import lidc
+from lungct.dicom import Series
+from lungct.errors import UserError
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "CLASS_KEYWORDS",
+    "Candidate",
+    "MaskCrop",
+    "lidc_candidates",
+    "class_from_path",
+    "csv_candidates",
+    "folder_candidates",
+]
+
+LOG = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
+
+#: Folder-name keywords -> label (checked on lower-cased path components split at - _ . space;
+#: negations are matched first, so "non_cancer" is never read as "cancer").
+CLASS_KEYWORDS: tuple[tuple[frozenset[str], int], ...] = (
+    (frozenset({"noncancer", "non_cancer", "non-cancer", "nonmalignant", "non_malignant",
+                "benign", "normal", "negative", "healthy", "no_cancer"}), 0),
+    (frozenset({"cancer", "cancerous", "malignant", "malignancy", "tumor", "tumour",
+                "positive", "carcinoma", "adenocarcinoma"}), 1),
+)
+
+
+@dataclass(frozen=True)
+class MaskCrop:
+    """A binary ROI mask stored as its bounding box: ``mask[top:top+h, left:left+w] = bits``."""
+
+    top: int
+    left: int
+    bits: np.ndarray  # bool (h, w)
+
+    def full(self, shape: tuple[int, int]) -> np.ndarray:
+        """The mask at full slice size."""
+        mask = np.zeros(shape, dtype=bool)
+        h, w = self.bits.shape
+        mask[self.top : self.top + h, self.left : self.left + w] = self.bits
+        return mask
+
+    @classmethod
+    def from_mask(cls, mask: np.ndarray) -> MaskCrop:
+        rows, cols = np.nonzero(mask)
+        top, left = int(rows.min()), int(cols.min())
+        return cls(top, left, mask[top : rows.max() + 1, left : cols.max() + 1].copy())
+
+    @property
+    def centroid_xy_px(self) -> tuple[float, float]:
+        rows, cols = np.nonzero(self.bits)
+        return float(cols.mean() + self.left), float(rows.mean() + self.top)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One possible sample: a CT slice (or an image file) with its label and provenance."""
+
+    source_path: Path
+    source_file: str  # relative to the input root, for manifest/skipped.csv
+    patient_id: str
+    label: int  # 1 cancer, 0 non-cancer
+    negative_kind: str  # "benign_nodule" | "no_finding" | "" (cancer, or not known)
+    series_uid: str = ""
+    slice_z_mm: float | None = None
+    nodule_id: str = ""
+    malignancy: float | None = None
+    n_readers: int | None = None
+    diameter_mm: float | None = None
+    pixel_spacing_mm: float | None = None
+    mask: MaskCrop | None = field(default=None, compare=False)
+    centre_xy_px: tuple[float, float] | None = None  # patch centre; None = choose in lung tissue
+
+    @property
+    def key(self) -> str:
+        """A stable identifier, also the stem of the output file name."""
+        if self.series_uid:
+            stem = f"{self.patient_id}_{self.series_uid[-12:]}_z{self.slice_z_mm:+09.2f}"
+            return f"{stem}_{self.nodule_id}" if self.nodule_id else stem
+        return re.sub(r"[^A-Za-z0-9._-]+", "_", self.source_file.rsplit(".", 1)[0])
+
+
+def _slice_samples(
+    series: Series,
+    nodules: list[lidc.Nodule],
+    rule: lidc.LabelRule,
+) -> dict[int, list[tuple[lidc.Nodule, np.ndarray, int | None]]]:
+    """Per slice index, the nodules outlined there with their consensus masks and labels."""
+    z_mm = series.z_mm
+    tolerance_mm = 0.5 * series.slice_spacing_mm
+    shape = (series.slices[0].rows, series.slices[0].columns)
+    on_slice: dict[int, list[tuple[lidc.Nodule, np.ndarray, int | None]]] = {}
+    for nodule in nodules:
+        label = rule.label(nodule)
+        for index in lidc.nodule_slices(nodule, z_mm, tolerance_mm):
+            mask = lidc.consensus_mask(nodule, float(z_mm[index]), shape, tolerance_mm)
+            if mask.any():
+                on_slice.setdefault(index, []).append((nodule, mask, label))
+    return on_slice
+
+
+def lidc_candidates(
+    series: Series,
+    readings: lidc.Readings,
+    rule: lidc.LabelRule,
+    negative_margin_mm: float,
+    rel: Callable[[Path], str],
+) -> tuple[list[Candidate], dict[Path, str], dict[str, int]]:
+    """Candidates of one CT series from its LIDC readings.
+
+    A slice is a sample of a nodule where that nodule's consensus mask is non-empty; its label
+    is the highest label of its labelled nodules and its mask their union. A slice holding only
+    excluded nodules (or an excluded nodule beside benign ones) is not a sample. Negatives
+    without a nodule are slices at least ``negative_margin_mm`` in z from every mark of every
+    reader (nodules of any size and non-nodules).
+
+    Returns:
+        The candidates, a reason for each slice that is not one, and the count of nodules per
+        label-rule outcome.
+    """
+    nodules = lidc.cluster_nodules(
+        readings, series.pixel_spacing_mm, series.slice_spacing_mm
+    )
+    outcomes: dict[str, int] = {}
+    for nodule in nodules:
+        outcome = rule.outcome(nodule)
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+    on_slice = _slice_samples(series, nodules, rule)
+    far = lidc.far_from_marks(series.z_mm, readings.all_mark_z_mm(), negative_margin_mm)
+    candidates: list[Candidate] = []
+    reasons: dict[Path, str] = {}
+    for index, header in enumerate(series.slices):
+        entries = on_slice.get(index, [])
+        common = dict(
+            source_path=header.path,
+            source_file=rel(header.path),
+            patient_id=series.patient_id,
+            series_uid=series.series_uid,
+            slice_z_mm=header.z_mm,
+            pixel_spacing_mm=header.pixel_spacing_mm,
+        )
+        labelled = [(n, m, lab) for n, m, lab in entries if lab is not None]
+        if not entries:
+            if far[index]:
+                candidates.append(Candidate(label=0, negative_kind="no_finding", **common))
+            else:
+                reasons[header.path] = f"within {negative_margin_mm:g} mm of a reader's mark"
+            continue
+        top_label = max((lab for _, _, lab in labelled), default=None)
+        if top_label is None or (top_label == 0 and len(labelled) < len(entries)):
+            reasons[header.path] = "holds a nodule excluded by the label rule"
+            continue
+        chosen = [(n, m) for n, m, lab in labelled if lab == top_label]
+        nodule, _ = max(chosen, key=lambda item: (item[1].sum(), item[0].nodule_id))
+        union = np.logical_or.reduce([m for _, m, _ in labelled])
+        own_mask = MaskCrop.from_mask(dict(chosen)[nodule])
+        candidates.append(
+            Candidate(
+                label=top_label,
+                negative_kind="" if top_label == 1 else "benign_nodule",
+                nodule_id=nodule.nodule_id,
+                malignancy=nodule.malignancy,
+                n_readers=nodule.n_readers,
+                diameter_mm=nodule.diameter_mm,
+                mask=MaskCrop.from_mask(union),
+                centre_xy_px=own_mask.centroid_xy_px,
+                **common,
+            )
+        )
+    return candidates, reasons, outcomes
+
+
+def class_from_path(relative_path: str) -> int | None:
+    """The label named by the nearest class-named folder of ``relative_path``, else None."""
+    for part in reversed(Path(relative_path).parts[:-1]):
+        name = part.lower()
+        tokens = {name, *re.split(r"[\s._-]+", name)}
+        for keywords, label in CLASS_KEYWORDS:
+            if name in keywords or (label == 1 and tokens & keywords and not name.startswith("non")):
+                return label
+    return None
+
+
+def _parse_label(value: object, row_number: int) -> int:
+    text = str(value).strip().lower()
+    if text in {"0", "1"}:
+        return int(text)
+    for keywords, label in CLASS_KEYWORDS:
+        if text in keywords:
+            return label
+    raise UserError(
+        f"--labels row {row_number}: label {value!r} is neither 0/1 nor a known class name"
+    )
+
+
+def csv_candidates(
+    labels_csv: Path, root: Path, files: Iterable[Path]
+) -> tuple[list[Candidate], dict[Path, str]]:
+    """Candidates from a user CSV with columns ``path`` (relative to the input), ``label``
+    (0/1 or a class name) and ``patient_id``; input files it does not list are skipped."""
+    try:
+        table = pd.read_csv(labels_csv, dtype=str, keep_default_na=False)
+    except (OSError, pd.errors.ParserError, UnicodeDecodeError) as error:
+        raise UserError(f"cannot read --labels {labels_csv}: {error}") from None
+    missing = {"path", "label", "patient_id"} - set(table.columns)
+    if missing:
+        raise UserError(
+            f"--labels {labels_csv} lacks the column(s) {', '.join(sorted(missing))}; "
+            "it needs path, label and patient_id"
+        )
+    listed: dict[str, tuple[int, str]] = {}
+    for number, row in enumerate(table.itertuples(index=False), start=2):
+        if not row.patient_id.strip():
+            raise UserError(f"--labels row {number}: empty patient_id (a split needs patients)")
+        listed[Path(row.path).as_posix()] = (_parse_label(row.label, number), row.patient_id)
+    candidates: list[Candidate] = []
+    reasons: dict[Path, str] = {}
+    for path in files:
+        rel = path.relative_to(root).as_posix()
+        if rel not in listed:
+            reasons[path] = "not listed in --labels"
+            continue
+        label, patient = listed.pop(rel)
+        candidates.append(Candidate(path, rel, patient, label, ""))
+    for rel in sorted(listed):
+        LOG.warning("--labels lists %s, which is not in the input", rel)
+    return candidates, reasons
+
+
+def folder_candidates(
+    root: Path, files: Iterable[Path], patient_of: Callable[[Path], str | None]
+) -> tuple[list[Candidate], dict[Path, str]]:
+    """Candidates from class-named folders (CLASS_KEYWORDS); mask images are never samples."""
+    candidates: list[Candidate] = []
+    reasons: dict[Path, str] = {}
+    for path in files:
+        rel = path.relative_to(root).as_posix()
+        if any("mask" in part.lower() for part in Path(rel).parts):
+            reasons[path] = "mask image, never a sample"
+            continue
+        label = class_from_path(rel)
+        if label is None:
+            reasons[path] = "no class-named folder in its path"
+            continue
+        patient = patient_of(path)
+        if not patient:
+            raise UserError(
+                f"no patient id for {rel}: neither DICOM PatientID nor --patient-regex matches; "
+                "a split by file would leak patients between train and test"
+            )
+        candidates.append(Candidate(path, rel, patient, label, ""))
+    return candidates, reasons
