@@ -23,14 +23,15 @@ SPLITS = ("train", "val", "test")
 
 
 def _allocate(n_items: int, fractions: Sequence[float]) -> list[int]:
-    """Largest-remainder counts of ``n_items`` by ``fractions``; every split gets one item
-    when there are at least as many items as splits."""
-    exact = np.asarray(fractions, dtype=float) * n_items
+    """Largest-remainder counts of ``n_items`` by ``fractions``; every split with a non-zero
+    fraction gets one item when there are enough items."""
+    share = np.asarray(fractions, dtype=float)
+    exact = share * n_items
     counts = np.floor(exact).astype(int)
     for index in np.argsort(-(exact - counts), kind="stable")[: n_items - counts.sum()]:
         counts[index] += 1
-    if n_items >= len(fractions):
-        for index in np.flatnonzero(counts == 0):
+    if n_items >= np.count_nonzero(share):
+        for index in np.flatnonzero((counts == 0) & (share > 0)):
             counts[int(np.argmax(counts))] -= 1
             counts[index] += 1
     return counts.tolist()

@@ -115,7 +115,7 @@ def _check_pixel_data(ds: pydicom.Dataset, path: Path) -> None:
         if not get_decoder(syntax).is_available:
             raise DicomSkip(f"compressed transfer syntax {syntax.name} with no installed decoder")
         return
-    raw = ds.get_item("PixelData")
+    raw = ds.get_item("PixelData", keep_deferred=True)
     expected = int(ds.Rows) * int(ds.Columns) * int(ds.get("BitsAllocated", 16)) // 8
     tell = getattr(raw, "value_tell", None)
     if tell is not None and tell + expected > os.path.getsize(path):

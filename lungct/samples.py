@@ -35,14 +35,13 @@ LOG = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 
-#: Folder-name keywords -> label (checked on lower-cased path components split at - _ . space;
-#: negations are matched first, so "non_cancer" is never read as "cancer").
-CLASS_KEYWORDS: tuple[tuple[frozenset[str], int], ...] = (
-    (frozenset({"noncancer", "non_cancer", "non-cancer", "nonmalignant", "non_malignant",
-                "benign", "normal", "negative", "healthy", "no_cancer"}), 0),
-    (frozenset({"cancer", "cancerous", "malignant", "malignancy", "tumor", "tumour",
-                "positive", "carcinoma", "adenocarcinoma"}), 1),
-)
+#: Folder-name keywords per label, matched against a folder's words (split at space - _ .).
+#: A folder whose name starts with "non"/"no" followed by a cancer word is non-cancer.
+CLASS_KEYWORDS: dict[int, frozenset[str]] = {
+    0: frozenset({"noncancer", "nonmalignant", "benign", "normal", "negative", "healthy"}),
+    1: frozenset({"cancer", "cancerous", "malignant", "malignancy", "tumor", "tumour",
+                  "positive", "carcinoma", "adenocarcinoma"}),
+}
 
 
 @dataclass(frozen=True)
@@ -190,24 +189,31 @@ def lidc_candidates(
     return candidates, reasons, outcomes
 
 
+def _folder_label(name: str) -> int | None:
+    words = [w for w in re.split(r"[\s._-]+", name.lower()) if w]
+    if set(words) & CLASS_KEYWORDS[0]:
+        return 0
+    for position, word in enumerate(words):
+        if word in CLASS_KEYWORDS[1]:
+            negated = position > 0 and words[position - 1] in {"non", "no", "not"}
+            return 0 if negated else 1
+    return None
+
+
 def class_from_path(relative_path: str) -> int | None:
     """The label named by the nearest class-named folder of ``relative_path``, else None."""
     for part in reversed(Path(relative_path).parts[:-1]):
-        name = part.lower()
-        tokens = {name, *re.split(r"[\s._-]+", name)}
-        for keywords, label in CLASS_KEYWORDS:
-            if name in keywords or (label == 1 and tokens & keywords and not name.startswith("non")):
-                return label
+        label = _folder_label(part)
+        if label is not None:
+            return label
     return None
 
 
 def _parse_label(value: object, row_number: int) -> int:
-    text = str(value).strip().lower()
-    if text in {"0", "1"}:
-        return int(text)
-    for keywords, label in CLASS_KEYWORDS:
-        if text in keywords:
-            return label
+    text = str(value).strip()
+    label = int(text) if text in {"0", "1"} else _folder_label(text) if text else None
+    if label is not None:
+        return label
     raise UserError(
         f"--labels row {row_number}: label {value!r} is neither 0/1 nor a known class name"
     )

@@ -1,0 +1,172 @@
+"""lungct.dicom: headers, series assembly, HU conversion, windowing, resizing."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom.data import get_testdata_file
+
+from lungct import dicom
+
+
+def test_apply_window_dicom_linear_function():
+    """PS3.3 C.11.2.1.2.1: centre maps to mid-grey, edges to 0 and 255."""
+    hu = np.array([-1400.0, -1350.5, -600.0, 149.5, 200.0])
+    out = dicom.apply_window(hu, -600.0, 1500.0)
+    assert out.dtype == np.uint8
+    assert out.tolist() == [0, 0, 128, 255, 255]
+
+
+def test_apply_window_width_one_is_a_threshold():
+    """Width 1 is a step at centre - 0.5."""
+    assert dicom.apply_window(np.array([-1.0, 0.0]), 0.0, 1.0).tolist() == [0, 255]
+
+
+@pytest.mark.parametrize("width", [0.0, -5.0])
+def test_apply_window_refuses_width_below_one(width):
+    """Degenerate windows are refused with the value."""
+    with pytest.raises(ValueError, match="window width must be >= 1 HU"):
+        dicom.apply_window(np.zeros(2), 0.0, width)
+
+
+def test_parse_window():
+    """'lung' is -600/1500; C,W parses; junk names the value."""
+    assert dicom.parse_window("lung") == (-600.0, 1500.0)
+    assert dicom.parse_window("40,400") == (40.0, 400.0)
+    with pytest.raises(ValueError, match="'abc'"):
+        dicom.parse_window("abc")
+
+
+def test_read_hu_rescale_and_padding(ct_slice):
+    """HU = stored x slope + intercept; Pixel Padding Value becomes air."""
+    hu = np.array([[-1000, 0], [80, 400]], dtype=float)
+    path = ct_slice("a.dcm", hu, padding_value=-2000)
+    out, inverted = dicom.read_hu(path)
+    np.testing.assert_allclose(out, hu)
+    assert not inverted
+
+    padded = hu.copy()
+    padded[0, 0] = -2000 - 1024  # stored value -2000 = padding
+    out, _ = dicom.read_hu(ct_slice("b.dcm", padded, padding_value=-2000))
+    assert out[0, 0] == dicom.AIR_HU
+    assert out[1, 1] == 400
+
+
+def test_read_hu_slope_two(ct_slice):
+    """A slope other than 1 scales the stored values."""
+    hu = np.array([[-1000.0, 100.0]])
+    out, _ = dicom.read_hu(ct_slice("s.dcm", hu, slope=2.0, intercept=-1000.0))
+    np.testing.assert_allclose(out, hu)
+
+
+def test_monochrome1_flagged(ct_slice):
+    """MONOCHROME1 is reported so the renderer inverts the display."""
+    _, inverted = dicom.read_hu(ct_slice("m.dcm", np.zeros((2, 2)), photometric="MONOCHROME1"))
+    assert inverted
+
+
+def test_read_header_of_pydicom_ct_small():
+    """The bundled CT_small.dcm reads as a CT slice with its geometry."""
+    header = dicom.read_header(Path(get_testdata_file("CT_small.dcm", download=False)))
+    assert header.rows == header.columns == 128
+    assert header.z_mm == pytest.approx(-75.7)
+    assert header.pixel_spacing_mm == pytest.approx(0.661468)
+    assert header.patient_id == "1CT1"
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("MR_small.dcm", r"not a CT image \(\(0008,0060\) Modality MR\)"),
+        ("rtplan.dcm", r"not a CT image"),
+    ],
+)
+def test_read_header_refuses_non_ct(name, reason):
+    """Other modalities are skipped with a pinned reason."""
+    with pytest.raises(dicom.DicomSkip, match=reason):
+        dicom.read_header(Path(get_testdata_file(name, download=False)))
+
+
+def test_read_header_not_dicom(tmp_path):
+    """A text file is 'not DICOM'."""
+    path = tmp_path / "notes.txt"
+    path.write_text("hello")
+    with pytest.raises(dicom.DicomSkip, match="^not DICOM$"):
+        dicom.read_header(path)
+
+
+def test_read_header_truncated(tmp_path):
+    """A CT file cut short inside its pixel data is 'truncated pixel data'."""
+    source = Path(get_testdata_file("CT_small.dcm", download=False))
+    path = tmp_path / "cut.dcm"
+    path.write_bytes(source.read_bytes()[:-5000])
+    with pytest.raises(dicom.DicomSkip, match="truncated pixel data"):
+        dicom.read_header(path)
+
+
+def test_read_header_no_pixel_data(ct_slice):
+    """A CT header without (7FE0,0010) is skipped."""
+    import pydicom
+
+    path = ct_slice("np.dcm", np.zeros((2, 2)))
+    ds = pydicom.dcmread(path)
+    del ds.PixelData
+    ds.save_as(path)
+    with pytest.raises(dicom.DicomSkip, match=r"no pixel data \(7FE0,0010\)"):
+        dicom.read_header(path)
+
+
+def test_read_header_localizer(ct_slice):
+    """Scout images are skipped."""
+    path = ct_slice("loc.dcm", np.zeros((2, 2)), image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"))
+    with pytest.raises(dicom.DicomSkip, match="localizer"):
+        dicom.read_header(path)
+
+
+def test_assemble_series_sorts_and_drops_duplicate_z(ct_slice):
+    """Slices sort by z; of two at one z the lower InstanceNumber stays."""
+    hu = np.zeros((4, 4))
+    paths = [
+        ct_slice("c.dcm", hu, 5.0, instance_number=3),
+        ct_slice("a.dcm", hu, -5.0, instance_number=1),
+        ct_slice("b2.dcm", hu, 0.0, instance_number=7),
+        ct_slice("b1.dcm", hu, 0.0, instance_number=2),
+    ]
+    series, dropped = dicom.assemble_series(dicom.read_header(p) for p in paths)
+    assert len(series) == 1
+    assert [s.instance_number for s in series[0].slices] == [1, 2, 3]
+    assert series[0].z_mm.tolist() == [-5.0, 0.0, 5.0]
+    assert series[0].slice_spacing_mm == 5.0
+    assert dropped == [(paths[2], "duplicate slice position z=0 mm (kept InstanceNumber 2)")]
+
+
+def test_square_and_resize_pads_with_fill():
+    """A 2x4 image becomes a 4x4 square padded with fill, then resized."""
+    image = np.ones((2, 4), dtype=np.float32)
+    out, scale = dicom.square_and_resize(image, 2, fill=0.0)
+    assert scale == 2.0
+    np.testing.assert_allclose(out, [[0.5, 0.5], [0.5, 0.5]])
+
+
+def test_compressed_without_decoder_is_skipped(tmp_path, monkeypatch):
+    """A compressed syntax with no decoder gets that reason."""
+    source = Path(get_testdata_file("CT_small.dcm", download=False))
+    path = tmp_path / "c.dcm"
+    shutil.copy(source, path)
+    import pydicom
+
+    ds = pydicom.dcmread(path)
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.JPEG2000Lossless
+    ds.PixelData = pydicom.encaps.encapsulate([b"\xff\x4f\xff\x51" + b"\0" * 10])
+    ds.save_as(path)
+
+    class NoDecoder:
+        is_available = False
+
+    monkeypatch.setattr(dicom, "get_decoder", lambda uid: NoDecoder())
+    with pytest.raises(dicom.DicomSkip, match="compressed transfer syntax JPEG 2000 Image "
+                                              "Compression \\(Lossless Only\\) with no installed"):
+        dicom.read_header(path)

@@ -1,0 +1,83 @@
+"""lungct.samples: class folders and the labels CSV."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lungct.errors import UserError
+from lungct.samples import class_from_path, csv_candidates, folder_candidates
+
+
+@pytest.mark.parametrize(
+    ("path", "label"),
+    [
+        ("cancer/a.png", 1),
+        ("Malignant/x/a.png", 1),
+        ("non_cancer/a.png", 0),
+        ("non-cancer/a.png", 0),
+        ("benign/a.png", 0),
+        ("normal cases/a.png", 0),
+        ("lung_cancer_images/a.png", 1),
+        ("LIDC-IDRI-0001/nodule-1/images/a.png", None),
+        ("benign/cancer/a.png", 1),
+    ],
+)
+def test_class_from_path(path, label):
+    """The nearest class-named folder wins; negations never read as cancer."""
+    assert class_from_path(path) == label
+
+
+def _touch(root: Path, *names: str) -> list[Path]:
+    paths = []
+    for name in names:
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+        paths.append(path)
+    return paths
+
+
+def test_folder_candidates_skip_masks_and_unlabelled(tmp_path):
+    """Mask images and files outside class folders get pinned reasons."""
+    files = _touch(tmp_path, "cancer/LIDC-IDRI-0001/a.png", "cancer/LIDC-IDRI-0001/mask/a.png",
+                   "misc/LIDC-IDRI-0002/b.png")
+    found, reasons = folder_candidates(tmp_path, files, lambda p: "LIDC-IDRI-0001")
+    assert [c.source_file for c in found] == ["cancer/LIDC-IDRI-0001/a.png"]
+    assert reasons == {files[1]: "mask image, never a sample",
+                       files[2]: "no class-named folder in its path"}
+
+
+def test_folder_candidates_need_a_patient(tmp_path):
+    """Without a patient id the split would leak patients: a clear error."""
+    files = _touch(tmp_path, "benign/x.png")
+    with pytest.raises(UserError, match="no patient id for benign/x.png"):
+        folder_candidates(tmp_path, files, lambda p: None)
+
+
+def test_csv_candidates(tmp_path):
+    """Listed files become candidates; unlisted ones are skipped; class names parse."""
+    files = _touch(tmp_path, "a.png", "b.png", "c.png")
+    labels = tmp_path / "labels.csv"
+    labels.write_text("path,label,patient_id\na.png,1,P1\nb.png,benign,P2\n")
+    found, reasons = csv_candidates(labels, tmp_path, files)
+    assert [(c.source_file, c.label, c.patient_id) for c in found] == [
+        ("a.png", 1, "P1"), ("b.png", 0, "P2")]
+    assert reasons == {files[2]: "not listed in --labels"}
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("path,label\na.png,1\n", "lacks the column\\(s\\) patient_id"),
+        ("path,label,patient_id\na.png,maybe,P1\n", "row 2: label 'maybe' is neither"),
+        ("path,label,patient_id\na.png,1,\n", "row 2: empty patient_id"),
+    ],
+)
+def test_csv_candidates_errors(tmp_path, text, message):
+    """Bad label files stop with one sentence naming the problem."""
+    labels = tmp_path / "labels.csv"
+    labels.write_text(text)
+    with pytest.raises(UserError, match=message):
+        csv_candidates(labels, tmp_path, [])
