@@ -19,18 +19,15 @@ import re
 import secrets
 import shutil
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
-from multiprocessing import get_context
 from pathlib import Path
-
-from tqdm import tqdm
 
 from lungct import __version__, dicom, lidc, sources
 from lungct.dataset import SPLITS, Selection, balance, split_patients
 from lungct.errors import UserError
 from lungct.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
+from lungct.parallel import pool_map
 from lungct.render import RenderSettings, encode_png, render
 from lungct.samples import (
     IMAGE_SUFFIXES,
@@ -142,23 +139,6 @@ def _input_hash(config: PrepareConfig, root: Path, files: list[Path], descriptio
     return digest.hexdigest()
 
 
-# ----------------------------------------------------------------------------- parallel map
-def _pool_map(function: Callable, items: list, workers: int, description: str) -> Iterator:
-    """``map`` over ``items`` in ``workers`` processes (inline for one), with a progress bar."""
-    bar = tqdm(total=len(items), desc=description, unit="file", disable=None, leave=False)
-    if workers == 1 or len(items) < 2:
-        for item in items:
-            yield function(item)
-            bar.update()
-    else:
-        chunk = max(1, min(64, len(items) // (workers * 8)))
-        with ProcessPoolExecutor(workers, mp_context=get_context("fork")) as pool:
-            for result in pool.map(function, items, chunksize=chunk):
-                yield result
-                bar.update()
-    bar.close()
-
-
 def _header_or_reason(path: Path) -> dicom.SliceHeader | str:
     try:
         return dicom.read_header(path)
@@ -177,7 +157,7 @@ class _Found:
 
 def _index_dicom(files: list[Path], workers: int, skipped: dict[Path, str]) -> list:
     headers = []
-    for path, result in zip(files, _pool_map(_header_or_reason, files, workers, "index"),
+    for path, result in zip(files, pool_map(_header_or_reason, files, workers, "index"),
                             strict=True):
         if isinstance(result, str):
             skipped[path] = result
@@ -446,7 +426,7 @@ def run(config: PrepareConfig) -> dict:
     jobs = [(split, c, settings, staging) for split, c in selection.samples]
     rows: list[dict] = []
     for (_, candidate, _, _), result in zip(
-        jobs, _pool_map(_render_and_write, jobs, config.workers, "render"), strict=True
+        jobs, pool_map(_render_and_write, jobs, config.workers, "render"), strict=True
     ):
         if isinstance(result, str):
             skipped_rel[candidate.source_file] = result
