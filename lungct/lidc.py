@@ -378,42 +378,59 @@ class Nodule:
 
 @dataclasses.dataclass(frozen=True)
 class _MarkGeometry:
-    """A mark in mm, for distances: boundary points and roi anchors tested for containment."""
+    """A mark in mm, for distances: boundary points per slice and roi centres."""
 
-    points_mm: np.ndarray  # (N, 3) every contour point: x, y in mm, z
+    planes: dict[float, np.ndarray]  # z mm -> (K, 2) contour points x, y in mm on that slice
+    box_low_mm: np.ndarray  # (3,) x, y, z lower corner of all points
+    box_high_mm: np.ndarray  # (3,) upper corner
     anchors: tuple[tuple[float, float, float], ...]  # (x px, y px, z mm) centre of each roi
     polygons: tuple[tuple[float, np.ndarray], ...]  # (z mm, (K, 2) float32 px) inclusion outlines
 
 
 def _geometry(mark: ReaderMark, pixel_spacing_mm: float) -> _MarkGeometry:
-    points = np.concatenate([
-        np.column_stack([contour.points_xy * pixel_spacing_mm,
-                         np.full(len(contour.points_xy), contour.z_mm)])
-        for contour in mark.contours
-    ])
+    by_z: dict[float, list[np.ndarray]] = {}
+    for contour in mark.contours:
+        by_z.setdefault(contour.z_mm, []).append(contour.points_xy * pixel_spacing_mm)
+    planes = {z_mm: np.concatenate(points) for z_mm, points in by_z.items()}
+    every_point = np.concatenate([
+        np.column_stack([points, np.full(len(points), z_mm)]) for z_mm, points in planes.items()])
     anchors = tuple((*(float(v) for v in contour.points_xy.mean(axis=0)), contour.z_mm)
                     for contour in mark.contours if contour.inclusion)
     polygons = tuple((contour.z_mm, contour.points_xy.astype(np.float32))
                      for contour in mark.contours
                      if contour.inclusion and len(contour.points_xy) >= 3)
-    return _MarkGeometry(points, anchors, polygons)
+    return _MarkGeometry(planes, every_point.min(axis=0), every_point.max(axis=0), anchors,
+                         polygons)
 
 
-def _box_gap_mm(a: np.ndarray, b: np.ndarray) -> float:
-    gap = np.maximum(0.0, np.maximum(a.min(0) - b.max(0), b.min(0) - a.max(0)))
+def _box_gap_mm(a: _MarkGeometry, b: _MarkGeometry) -> float:
+    gap = np.maximum(0.0, np.maximum(a.box_low_mm - b.box_high_mm, b.box_low_mm - a.box_high_mm))
     return float(np.linalg.norm(gap))
 
 
-def _min_point_distance_mm(a: np.ndarray, b: np.ndarray, cutoff_mm: float) -> float:
-    """Smallest distance between a point of ``a`` and one of ``b``; inf beyond ``cutoff_mm``."""
-    a = a[np.all((a >= b.min(0) - cutoff_mm) & (a <= b.max(0) + cutoff_mm), axis=1)]
-    b = b[np.all((b >= a.min(0) - cutoff_mm) & (b <= a.max(0) + cutoff_mm), axis=1)] \
-        if len(a) else b[:0]
+def _min_xy_distance_mm(a: np.ndarray, b: np.ndarray) -> float:
+    """Smallest distance between a point of ``a`` (N, 2) and one of ``b`` (M, 2)."""
     best = math.inf
-    chunk = max(1, 200_000 // max(1, len(b)))
-    for start in range(0, len(a) if len(b) else 0, chunk):
+    chunk = max(1, 250_000 // len(b))
+    for start in range(0, len(a), chunk):
         squared = ((a[start:start + chunk, None, :] - b[None, :, :]) ** 2).sum(axis=-1)
         best = min(best, float(np.sqrt(squared.min())))
+    return best
+
+
+def _min_point_distance_mm(a: _MarkGeometry, b: _MarkGeometry, cutoff_mm: float) -> float:
+    """Smallest 3D distance between contour points of ``a`` and ``b``; inf beyond ``cutoff_mm``.
+
+    Slice pairs are visited by increasing z gap and skipped once the gap alone exceeds the
+    best distance found, which is exact and avoids most of the all-pairs work.
+    """
+    slice_pairs = sorted((abs(z_a - z_b), z_a, z_b) for z_a in a.planes for z_b in b.planes
+                         if abs(z_a - z_b) <= cutoff_mm)
+    best = math.inf
+    for z_gap, z_a, z_b in slice_pairs:
+        if z_gap >= best:
+            break
+        best = min(best, math.hypot(z_gap, _min_xy_distance_mm(a.planes[z_a], b.planes[z_b])))
     return best
 
 
@@ -441,10 +458,10 @@ def _mark_distances_mm(marks: Sequence[ReaderMark], pixel_spacing_mm: float,
     distances = np.full((len(marks), len(marks)), math.inf)
     for i, j in itertools.combinations(range(len(marks)), 2):
         a, b = geometries[i], geometries[j]
-        if marks[i].reader == marks[j].reader or _box_gap_mm(a.points_mm, b.points_mm) > cutoff_mm:
+        if marks[i].reader == marks[j].reader or _box_gap_mm(a, b) > cutoff_mm:
             continue
         distances[i, j] = distances[j, i] = min(
-            _min_point_distance_mm(a.points_mm, b.points_mm, cutoff_mm),
+            _min_point_distance_mm(a, b, cutoff_mm),
             _containment_distance_mm(a, b, cutoff_mm),
             _containment_distance_mm(b, a, cutoff_mm),
         )
@@ -785,6 +802,7 @@ def far_from_marks(slice_z_mm: np.ndarray, mark_z_mm: np.ndarray, margin_mm: flo
 
     Used to pick ``no_finding`` negatives; pass :meth:`Readings.all_mark_z_mm` so nodules of
     every size and non-nodules of every reader count. All True when there are no marks.
+    Distances equal to ``margin_mm`` within 1e-6 mm (float noise) count as far.
     """
     slice_z = _validated_z(slice_z_mm, "slice_z_mm")
     mark_z = _validated_z(mark_z_mm, "mark_z_mm")
