@@ -38,6 +38,10 @@ def run_main(body: Callable[[], int | None]) -> int:
     except UserError as error:
         LOG.error("%s", error)
         return error.exit_code
+    except OSError as error:  # disk full, permission denied, a path that is a folder...
+        where = f" ({error.filename})" if error.filename else ""
+        LOG.error("file system error%s: %s", where, error.strerror or error)
+        return 1
     except KeyboardInterrupt:
         LOG.error("interrupted; outputs written so far are complete, re-run to continue")
         return 130

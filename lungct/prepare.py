@@ -123,7 +123,7 @@ def _list_files(root: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
             path = Path(folder, name)
             if path.is_symlink():
                 links.append((path, "symbolic link, not followed"))
-            elif name != sources.EXTRACTED_MARKER and path.is_file():
+            elif not name.endswith(sources.MARKER_SUFFIX) and path.is_file():
                 files.append(path)
     return files, links
 
@@ -395,7 +395,7 @@ def run(config: PrepareConfig) -> dict:
 
     skipped: dict[Path, str] = dict(links)
     skipped.update({root / name: f"unsafe archive entry: {why}"
-                    for name, why in sources.read_refused_entries(root)})
+                    for name, why in source.refused_entries})
     found = _find_candidates(config, root, files, skipped)
     candidates = found.candidates
     skipped_rel = {p.relative_to(root).as_posix(): r for p, r in found.skipped.items()}
