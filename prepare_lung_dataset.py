@@ -19,7 +19,7 @@ def _fractions(text: str) -> tuple[float, float, float]:
     try:
         values = tuple(float(v) for v in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected TRAIN,VAL,TEST fractions, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected TRAIN,VAL,TEST, got {text!r}") from None
     if len(values) != 3:
         raise argparse.ArgumentTypeError(f"expected three fractions, got {text!r}")
     return values  # type: ignore[return-value]

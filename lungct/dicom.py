@@ -28,7 +28,7 @@ __all__ = [
     "CT_IMAGE_STORAGE",
     "SliceHeader",
     "Series",
-    "DicomSkip",
+    "UnusableFileError",
     "read_header",
     "assemble_series",
     "read_hu",
@@ -46,7 +46,7 @@ ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
 _DEFER_BYTES = 1024
 
 
-class DicomSkip(Exception):
+class UnusableFileError(Exception):
     """A file that is not a usable CT slice; ``str(error)`` is the reason for skipped.csv."""
 
 
@@ -107,45 +107,47 @@ def _reason_not_ct(ds: pydicom.Dataset) -> str | None:
 
 
 def _check_pixel_data(ds: pydicom.Dataset, path: Path) -> None:
-    """Raise DicomSkip when pixel data is missing, truncated or needs a missing decoder."""
+    """Raise UnusableFileError when pixel data is missing, truncated or needs a missing decoder."""
     if "PixelData" not in ds:
-        raise DicomSkip("no pixel data (7FE0,0010)")
+        raise UnusableFileError("no pixel data (7FE0,0010)")
     syntax = UID(ds.file_meta.get("TransferSyntaxUID", "1.2.840.10008.1.2"))
     if syntax.is_compressed:
         if not get_decoder(syntax).is_available:
-            raise DicomSkip(f"compressed transfer syntax {syntax.name} with no installed decoder")
+            raise UnusableFileError(
+                f"compressed transfer syntax {syntax.name} with no installed decoder"
+            )
         return
     raw = ds.get_item("PixelData", keep_deferred=True)
     expected = int(ds.Rows) * int(ds.Columns) * int(ds.get("BitsAllocated", 16)) // 8
     tell = getattr(raw, "value_tell", None)
     if tell is not None and tell + expected > os.path.getsize(path):
-        raise DicomSkip("truncated pixel data")
+        raise UnusableFileError("truncated pixel data")
 
 
 def read_header(path: Path) -> SliceHeader:
     """Read one file's header (pixel data deferred, never decoded) and check it is a CT slice.
 
     Raises:
-        DicomSkip: with the reason this file cannot be a sample.
+        UnusableFileError: with the reason this file cannot be a sample.
     """
     try:
         ds = pydicom.dcmread(path, defer_size=_DEFER_BYTES)
     except InvalidDicomError:
-        raise DicomSkip("not DICOM") from None
+        raise UnusableFileError("not DICOM") from None
     except Exception as error:  # pydicom raises many types on corrupt input
-        raise DicomSkip(f"unreadable DICOM ({type(error).__name__})") from None
+        raise UnusableFileError(f"unreadable DICOM ({type(error).__name__})") from None
     reason = _reason_not_ct(ds)
     if reason:
-        raise DicomSkip(reason)
+        raise UnusableFileError(reason)
     try:
         position = [float(v) for v in ds.ImagePositionPatient]
         spacing = [float(v) for v in ds.PixelSpacing]
         rows, columns = int(ds.Rows), int(ds.Columns)
         series_uid = str(ds.SeriesInstanceUID)
     except (AttributeError, TypeError, ValueError) as error:
-        raise DicomSkip(f"missing or invalid geometry tag ({error})") from None
+        raise UnusableFileError(f"missing or invalid geometry tag ({error})") from None
     if len(position) != 3 or len(spacing) != 2 or min(spacing) <= 0:
-        raise DicomSkip(
+        raise UnusableFileError(
             "invalid (0020,0032) Image Position (Patient) or (0028,0030) Pixel Spacing"
         )
     _check_pixel_data(ds, path)
@@ -210,15 +212,16 @@ def read_hu(path: Path) -> tuple[np.ndarray, bool]:
         (display inverted).
 
     Raises:
-        DicomSkip: when the pixel data cannot be decoded.
+        UnusableFileError: when the pixel data cannot be decoded.
     """
     try:
         ds = pydicom.dcmread(path)
         stored = ds.pixel_array
     except Exception as error:  # decoders raise many types on corrupt data
-        raise DicomSkip(f"pixel data could not be decoded ({type(error).__name__})") from None
+        reason = f"pixel data could not be decoded ({type(error).__name__})"
+        raise UnusableFileError(reason) from None
     if stored.ndim != 2:
-        raise DicomSkip(f"not a single-frame grayscale image (array shape {stored.shape})")
+        raise UnusableFileError(f"not a single-frame grayscale image (array shape {stored.shape})")
     slope = float(ds.get("RescaleSlope", 1) or 1)
     intercept = float(ds.get("RescaleIntercept", 0) or 0)
     hu = stored.astype(np.float32) * np.float32(slope) + np.float32(intercept)

@@ -80,8 +80,8 @@ class PrepareConfig:
     overwrite: bool = False
 
     def __post_init__(self) -> None:
-        if self.source not in ("auto", "local", "kaggle", "synthetic"):
-            raise ValueError(f"source must be auto, local, kaggle or synthetic, got {self.source!r}")
+        if self.source not in sources.SOURCES:
+            raise ValueError(f"source must be one of {sources.SOURCES}, got {self.source!r}")
         if self.view not in ("slice", "patch"):
             raise ValueError(f"view must be slice or patch, got {self.view!r}")
         if not 8 <= self.image_size_px <= 2048:
@@ -142,7 +142,7 @@ def _input_hash(config: PrepareConfig, root: Path, files: list[Path], descriptio
 def _header_or_reason(path: Path) -> dicom.SliceHeader | str:
     try:
         return dicom.read_header(path)
-    except dicom.DicomSkip as skip:
+    except dicom.UnusableFileError as skip:
         return str(skip)
 
 
@@ -211,7 +211,7 @@ def _patient_finder(config: PrepareConfig, root: Path) -> Callable[[Path], str |
         if path.suffix.lower() not in IMAGE_SUFFIXES:
             try:
                 patient = dicom.read_header(path).patient_id
-            except dicom.DicomSkip:
+            except dicom.UnusableFileError:
                 patient = ""
             if patient:
                 return patient
@@ -295,7 +295,7 @@ def _render_and_write(job: tuple[str, Candidate, RenderSettings, Path]) -> dict 
     split, candidate, settings, staging = job
     try:
         rendered = render(candidate, settings)
-    except dicom.DicomSkip as skip:
+    except dicom.UnusableFileError as skip:
         return str(skip)
     class_name = CLASS_NAMES[candidate.label]
     image_rel = f"{class_name}/{candidate.key}.png"

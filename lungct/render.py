@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from lungct.dicom import AIR_HU, DicomSkip, apply_window, read_hu, square_and_resize
+from lungct.dicom import AIR_HU, UnusableFileError, apply_window, read_hu, square_and_resize
 from lungct.samples import IMAGE_SUFFIXES, Candidate
 
 __all__ = ["RenderSettings", "Rendered", "render", "encode_png", "lung_tissue_centre"]
@@ -106,7 +106,7 @@ def _crop(image: np.ndarray, centre_xy: tuple[float, float], side_px: int,
 
 
 def render(candidate: Candidate, settings: RenderSettings) -> Rendered:
-    """Draw one candidate. Raises lungct.dicom.DicomSkip when its pixels cannot be read."""
+    """Draw one candidate. Raises lungct.dicom.UnusableFileError when its pixels cannot be read."""
     if candidate.source_path.suffix.lower() in IMAGE_SUFFIXES:
         return _render_image_file(candidate, settings)
     hu, monochrome1 = read_hu(candidate.source_path)
@@ -138,6 +138,6 @@ def _render_image_file(candidate: Candidate, settings: RenderSettings) -> Render
     data = np.fromfile(candidate.source_path, dtype=np.uint8)
     image = cv2.imdecode(data, cv2.IMREAD_GRAYSCALE) if data.size else None
     if image is None:
-        raise DicomSkip("image file could not be decoded")
+        raise UnusableFileError("image file could not be decoded")
     resized, _ = square_and_resize(image, settings.image_size_px, 0)
     return Rendered(resized, None, None)

@@ -86,7 +86,7 @@ def test_read_header_of_pydicom_ct_small():
 )
 def test_read_header_refuses_non_ct(name, reason):
     """Other modalities are skipped with a pinned reason."""
-    with pytest.raises(dicom.DicomSkip, match=reason):
+    with pytest.raises(dicom.UnusableFileError, match=reason):
         dicom.read_header(Path(get_testdata_file(name, download=False)))
 
 
@@ -94,7 +94,7 @@ def test_read_header_not_dicom(tmp_path):
     """A text file is 'not DICOM'."""
     path = tmp_path / "notes.txt"
     path.write_text("hello")
-    with pytest.raises(dicom.DicomSkip, match="^not DICOM$"):
+    with pytest.raises(dicom.UnusableFileError, match="^not DICOM$"):
         dicom.read_header(path)
 
 
@@ -103,7 +103,7 @@ def test_read_header_truncated(tmp_path):
     source = Path(get_testdata_file("CT_small.dcm", download=False))
     path = tmp_path / "cut.dcm"
     path.write_bytes(source.read_bytes()[:-5000])
-    with pytest.raises(dicom.DicomSkip, match="truncated pixel data"):
+    with pytest.raises(dicom.UnusableFileError, match="truncated pixel data"):
         dicom.read_header(path)
 
 
@@ -115,14 +115,14 @@ def test_read_header_no_pixel_data(ct_slice):
     ds = pydicom.dcmread(path)
     del ds.PixelData
     ds.save_as(path)
-    with pytest.raises(dicom.DicomSkip, match=r"no pixel data \(7FE0,0010\)"):
+    with pytest.raises(dicom.UnusableFileError, match=r"no pixel data \(7FE0,0010\)"):
         dicom.read_header(path)
 
 
 def test_read_header_localizer(ct_slice):
     """Scout images are skipped."""
     path = ct_slice("loc.dcm", np.zeros((2, 2)), image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"))
-    with pytest.raises(dicom.DicomSkip, match="localizer"):
+    with pytest.raises(dicom.UnusableFileError, match="localizer"):
         dicom.read_header(path)
 
 
@@ -167,6 +167,6 @@ def test_compressed_without_decoder_is_skipped(tmp_path, monkeypatch):
         is_available = False
 
     monkeypatch.setattr(dicom, "get_decoder", lambda uid: NoDecoder())
-    with pytest.raises(dicom.DicomSkip, match="compressed transfer syntax JPEG 2000 Image "
+    with pytest.raises(dicom.UnusableFileError, match="compressed transfer syntax JPEG 2000 Image "
                                               "Compression \\(Lossless Only\\) with no installed"):
         dicom.read_header(path)
