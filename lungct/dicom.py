@@ -44,6 +44,12 @@ LUNG_WINDOW = (-600.0, 1500.0)
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
 _DEFER_BYTES = 1024
+#: The only attributes indexing parses (pixel data stays on disk, deferred).
+HEADER_TAGS = (
+    "Modality", "SOPClassUID", "ImageType", "ImagePositionPatient", "PixelSpacing", "Rows",
+    "Columns", "SeriesInstanceUID", "StudyInstanceUID", "SOPInstanceUID", "PatientID",
+    "InstanceNumber", "SliceThickness", "BitsAllocated", "PixelData",
+)
 
 
 class UnusableFileError(Exception):
@@ -131,7 +137,7 @@ def read_header(path: Path) -> SliceHeader:
         UnusableFileError: with the reason this file cannot be a sample.
     """
     try:
-        ds = pydicom.dcmread(path, defer_size=_DEFER_BYTES)
+        ds = pydicom.dcmread(path, defer_size=_DEFER_BYTES, specific_tags=list(HEADER_TAGS))
     except InvalidDicomError:
         raise UnusableFileError("not DICOM") from None
     except Exception as error:  # pydicom raises many types on corrupt input

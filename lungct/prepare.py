@@ -180,7 +180,8 @@ def _from_lidc(config: PrepareConfig, root: Path, files: list[Path], xml_files: 
             skipped[path] = "second readings file for the same series"
         else:
             readings_by_series[readings.series_uid] = readings
-    headers = _index_dicom([f for f in files if f not in set(xml_files)], config.workers, skipped)
+    xml_set = set(xml_files)
+    headers = _index_dicom([f for f in files if f not in xml_set], config.workers, skipped)
     series_list, dropped = dicom.assemble_series(headers)
     skipped.update(dict(dropped))
     candidates: list[Candidate] = []
@@ -239,8 +240,8 @@ def _from_user_labels(config: PrepareConfig, root: Path, files: list[Path],
 
 def _find_candidates(config: PrepareConfig, root: Path, files: list[Path],
                      skipped: dict[Path, str]) -> _Found:
-    xml_files = [f for f in files if f.suffix.lower() == ".xml" and lidc.is_lidc_readings_file(f)]
-    if xml_files:
+    xml_files = [f for f in files if f.suffix.lower() == ".xml"]
+    if any(lidc.is_lidc_readings_file(f) for f in xml_files):
         if config.labels_csv is not None:
             LOG.warning("LIDC XML readings found: they label the data, --labels is ignored")
         found = _from_lidc(config, root, files, xml_files, skipped)

@@ -16,14 +16,14 @@ import prepare_lung_dataset
 from lungct.prepare import MANIFEST_COLUMNS
 from lungct.synthetic import generate_cohort
 
-SMALL = ["--synthetic-patients", "10", "--synthetic-size", "128", "--workers", "2"]
+SMALL = ["--synthetic-patients", "8", "--synthetic-size", "96", "--workers", "2"]
 
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory) -> Path:
     """A small synthetic LIDC-format cohort, generated once for this module."""
     work = tmp_path_factory.mktemp("work")
-    generate_cohort(work / "raw_synthetic", n_patients=10, image_size_px=128, seed=42)
+    generate_cohort(work / "raw_synthetic", n_patients=8, image_size_px=96, seed=42)
     return work
 
 
@@ -104,11 +104,11 @@ def test_rerun_reuses_and_is_byte_identical(work):
     assert after == before
 
 
-def test_other_settings_need_overwrite(work, caplog):
+def test_other_settings_need_overwrite(work, capsys):
     """A different configuration stops with the pinned sentence."""
     assert _synthetic_patch(work) == 0
-    assert _synthetic_patch(work, "--seed", "7") == 2
-    assert "made with other settings; use --overwrite" in caplog.text
+    assert _synthetic_patch(work, "--negative-margin-mm", "12") == 2
+    assert "made with other settings; use --overwrite" in capsys.readouterr().err
 
 
 def test_interrupted_run_is_redone(work):
@@ -176,7 +176,8 @@ def test_class_folders_of_png(tmp_path):
     assert {r["patient_id"] for r in rows} == {f"LIDC-IDRI-{p:04d}" for p in range(8)}
     dataset = json.loads((tmp_path / "out" / "dataset.json").read_text())
     assert dataset["label_source"] == "class_folders"
-    assert dataset["files_skipped"]["by_reason"] == {"mask image, never a sample": 1}
+    assert dataset["files_skipped"]["by_reason"] == {
+        "mask image, never a sample": 1, "not selected by balancing": 8}
 
 
 @pytest.mark.parametrize(
@@ -188,17 +189,19 @@ def test_class_folders_of_png(tmp_path):
         (["--split", "0.5,0.5,0.5", "--source", "synthetic"], "summing to 1"),
     ],
 )
-def test_user_errors_are_one_sentence(tmp_path, caplog, capsys, args, message):
+def test_user_errors_are_one_sentence(tmp_path, capsys, args, message):
     """Bad arguments end with exit 2 and one sentence, never a traceback."""
     assert _prepare(tmp_path, *args) == 2
-    assert message in caplog.text
-    assert "Traceback" not in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
 
 
-def test_no_labels_is_a_clear_error(tmp_path, caplog):
+def test_no_labels_is_a_clear_error(tmp_path, capsys):
     """Images in folders that name no class: no guess, a clear error."""
     folder = tmp_path / "in" / "LIDC-IDRI-0001" / "nodule-1" / "images"
     folder.mkdir(parents=True)
     cv2.imwrite(str(folder / "slice-0.png"), np.zeros((4, 4), np.uint8))
     assert _prepare(tmp_path, "--input", str(tmp_path / "in")) == 2
-    assert "no usable labels" in caplog.text and "nodule indices, not classes" in caplog.text
+    err = capsys.readouterr().err
+    assert "no usable labels" in err and "nodule indices, not classes" in err
