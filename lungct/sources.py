@@ -200,11 +200,15 @@ def _resolve_kaggle(slug: str, work_dir: Path, max_patients: int | None) -> Reso
 def _resolve_synthetic(
     work_dir: Path, n_patients: int, image_size_px: int, seed: int
 ) -> ResolvedSource:
+    """Generate (or reuse) the synthetic cohort; 0 patients or 0 px means the module default."""
     # Imported here: the prepare stage must not pay for (or depend on) it with real data.
     synthetic = importlib.import_module("lungct.synthetic")
     out_dir = work_dir / "raw_synthetic"
     synthetic.generate_cohort(
-        out_dir=out_dir, n_patients=n_patients, image_size_px=image_size_px, seed=seed
+        out_dir=out_dir,
+        n_patients=n_patients or synthetic.DEFAULT_PATIENTS,
+        image_size_px=image_size_px or synthetic.DEFAULT_IMAGE_SIZE_PX,
+        seed=seed,
     )
     return ResolvedSource("synthetic", out_dir, "synthetic")
 
