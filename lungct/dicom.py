@@ -222,7 +222,7 @@ def read_hu(path: Path) -> tuple[np.ndarray, bool]:
     """
     try:
         ds = pydicom.dcmread(path)
-        stored = ds.pixel_array
+        stored = _stored_pixels(ds)
     except Exception as error:  # decoders raise many types on corrupt data
         reason = f"pixel data could not be decoded ({type(error).__name__})"
         raise UnusableFileError(reason) from None
@@ -230,7 +230,10 @@ def read_hu(path: Path) -> tuple[np.ndarray, bool]:
         raise UnusableFileError(f"not a single-frame grayscale image (array shape {stored.shape})")
     slope = float(ds.get("RescaleSlope", 1) or 1)
     intercept = float(ds.get("RescaleIntercept", 0) or 0)
-    hu = stored.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+    hu = stored.astype(np.float32)
+    if slope != 1:
+        hu *= np.float32(slope)
+    hu += np.float32(intercept)
     padding = ds.get("PixelPaddingValue")
     if padding is not None:
         limit = ds.get("PixelPaddingRangeLimit", padding)
@@ -238,6 +241,29 @@ def read_hu(path: Path) -> tuple[np.ndarray, bool]:
         hu[(stored >= low) & (stored <= high)] = AIR_HU
     monochrome1 = str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1"
     return hu, monochrome1
+
+
+def _stored_pixels(ds: pydicom.Dataset) -> np.ndarray:
+    """Stored values of a single-frame image.
+
+    Uncompressed little-endian 16-bit data whose (0028,0101) Bits Stored fills the word, or
+    is unsigned, is viewed straight from the buffer (the common CT case, about 2x faster);
+    everything else goes through pydicom's decoders.
+    """
+    syntax = UID(ds.file_meta.get("TransferSyntaxUID", "1.2.840.10008.1.2"))
+    simple = (
+        not syntax.is_compressed
+        and syntax.is_little_endian
+        and int(ds.get("BitsAllocated", 0)) == 16
+        and int(ds.get("SamplesPerPixel", 1)) == 1
+        and int(ds.get("NumberOfFrames", 1) or 1) == 1
+        and (int(ds.get("BitsStored", 16)) == 16 or int(ds.get("PixelRepresentation", 0)) == 0)
+    )
+    if not simple:
+        return ds.pixel_array
+    dtype = "<i2" if int(ds.get("PixelRepresentation", 0)) == 1 else "<u2"
+    rows, columns = int(ds.Rows), int(ds.Columns)
+    return np.frombuffer(ds.PixelData, dtype=dtype, count=rows * columns).reshape(rows, columns)
 
 
 def parse_window(text: str) -> tuple[float, float]:

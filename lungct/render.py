@@ -18,7 +18,7 @@ from lungct.samples import IMAGE_SUFFIXES, Candidate
 
 __all__ = ["RenderSettings", "Rendered", "render", "encode_png", "lung_tissue_centre"]
 
-PNG_PARAMS = [cv2.IMWRITE_PNG_COMPRESSION, 3]
+PNG_PARAMS = [cv2.IMWRITE_PNG_COMPRESSION, 1]  # fastest zlib level; files ~10% larger
 _LUNG_MAX_HU = -500.0
 _BODY_MIN_HU = -500.0
 
