@@ -205,3 +205,25 @@ def test_no_labels_is_a_clear_error(tmp_path, capsys):
     assert _prepare(tmp_path, "--input", str(tmp_path / "in")) == 2
     err = capsys.readouterr().err
     assert "no usable labels" in err and "nodule indices, not classes" in err
+
+
+def test_zip_archive_input_with_an_unsafe_entry(work):
+    """A zip of the cohort extracts to extracted/<name>/; a '..' entry is refused and listed."""
+    import zipfile
+
+    archive = work / "cohort.zip"
+    with zipfile.ZipFile(archive, "w") as bundle:
+        for path in sorted((work / "raw_synthetic").rglob("*")):
+            if path.is_file():
+                bundle.write(path, path.relative_to(work / "raw_synthetic").as_posix())
+        bundle.writestr("../evil.txt", "outside")
+    assert _prepare(work, "--input", str(archive), "--view", "patch", "--image-size", "32",
+                    "--target-count", "40") == 0
+    assert (work / "extracted" / "cohort").is_dir()
+    assert not (work / "evil.txt").exists() and not (work / "extracted" / "evil.txt").exists()
+    with open(work / "out" / "skipped.csv", newline="") as handle:
+        reasons = {r["file"]: r["reason"] for r in csv.DictReader(handle)}
+    assert reasons["../evil.txt"].startswith("unsafe archive entry")
+    rows = _manifest(work / "out")
+    assert rows and json.loads((work / "out" / "dataset.json").read_text())["source"] == (
+        f"local:{archive}")
