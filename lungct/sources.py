@@ -204,12 +204,15 @@ def _resolve_synthetic(
     # Imported here: the prepare stage must not pay for (or depend on) it with real data.
     synthetic = importlib.import_module("lungct.synthetic")
     out_dir = work_dir / "raw_synthetic"
-    synthetic.generate_cohort(
-        out_dir=out_dir,
-        n_patients=n_patients or synthetic.DEFAULT_PATIENTS,
-        image_size_px=image_size_px or synthetic.DEFAULT_IMAGE_SIZE_PX,
-        seed=seed,
-    )
+    try:
+        synthetic.generate_cohort(
+            out_dir=out_dir,
+            n_patients=n_patients or synthetic.DEFAULT_PATIENTS,
+            image_size_px=image_size_px or synthetic.DEFAULT_IMAGE_SIZE_PX,
+            seed=seed,
+        )
+    except ValueError as error:
+        raise UserError(f"invalid synthetic cohort setting: {error}") from None
     return ResolvedSource("synthetic", out_dir, "synthetic")
 
 

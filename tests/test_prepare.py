@@ -227,3 +227,11 @@ def test_zip_archive_input_with_an_unsafe_entry(work):
     rows = _manifest(work / "out")
     assert rows and json.loads((work / "out" / "dataset.json").read_text())["source"] == (
         f"local:{archive}")
+
+
+def test_bad_synthetic_size_is_one_sentence(tmp_path, capsys):
+    """An out-of-range synthetic cohort size is a user error, not a traceback."""
+    assert _prepare(tmp_path, "--source", "synthetic", "--synthetic-patients", "5000") == 2
+    err = capsys.readouterr().err
+    assert "invalid synthetic cohort setting: n_patients must be" in err
+    assert "Traceback" not in err
