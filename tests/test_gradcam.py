@@ -1,0 +1,273 @@
+"""Tests of lungct.gradcam and lungct.cam_checks (TensorFlow in-process, JAX in a subprocess)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import cv2
+import keras
+import numpy as np
+import pytest
+from interpret_fixtures import gap_model, make_baseline_model, resnet_like_model, vgg_like_model
+
+from lungct.cam_checks import (
+    dilation_radius_px,
+    energy_in_masks,
+    pointing_game,
+    randomised_weights,
+    rank_correlations,
+    top_block_layers,
+)
+from lungct.gradcam import GradCam, grad_cam, resolve_target_layer
+
+SIZE = 32
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def images() -> np.ndarray:
+    """Six random uint8 images (N, 32, 32, 1)."""
+    return np.random.default_rng(0).integers(0, 256, (6, SIZE, SIZE, 1)).astype(np.uint8)
+
+
+def reference_cam(features: np.ndarray, weights: np.ndarray, sign: float = 1.0) -> np.ndarray:
+    """ReLU(sign * sum_k w_k A^k), upsampled by keras.ops.image.resize, divided by the max."""
+    cam = np.maximum(sign * features @ weights, 0)[..., None]
+    maps = keras.ops.convert_to_numpy(keras.ops.image.resize(cam, (SIZE, SIZE)))[..., 0]
+    peak = maps.max(axis=(1, 2), keepdims=True)
+    return np.where(peak > 0, maps / np.where(peak > 0, peak, 1), 0)
+
+
+def gap_features(model: keras.Model, images: np.ndarray) -> np.ndarray:
+    layer = model.get_layer("last_conv")
+    return keras.ops.convert_to_numpy(keras.Model(model.input, layer.output)(images))
+
+
+def test_gradcam_equals_relu_cam_for_gap_dense(images):
+    """For GAP -> Dense, Grad-CAM is ReLU(CAM) up to scale (Selvaraju et al. 2017, sec. 3.1)."""
+    model = gap_model()
+    weights = model.get_layer("logit").get_weights()[0][:, 0]
+    expected = reference_cam(gap_features(model, images), weights)
+    np.testing.assert_allclose(grad_cam(model, images), expected, atol=1e-5)
+
+
+def test_negative_target_flips_the_sign(images):
+    """target='negative' explains -logit: ReLU(-CAM)."""
+    model = gap_model()
+    weights = model.get_layer("logit").get_weights()[0][:, 0]
+    expected = reference_cam(gap_features(model, images), weights, sign=-1.0)
+    np.testing.assert_allclose(grad_cam(model, images, target="negative"), expected, atol=1e-5)
+
+
+def test_map_unchanged_when_logit_is_scaled(images):
+    """Multiplying the logit by a positive constant leaves the map unchanged."""
+    np.testing.assert_allclose(grad_cam(gap_model(logit_scale=7.0), images),
+                               grad_cam(gap_model(), images), atol=1e-5)
+
+
+def test_map_is_zero_not_nan_when_nothing_is_positive(images):
+    """Non-negative features and negative weights give an all-zero map, never NaN."""
+    model = gap_model()
+    kernel, bias = model.get_layer("logit").get_weights()
+    model.get_layer("logit").set_weights([-np.abs(kernel) - 0.1, bias])
+    maps = grad_cam(model, images)
+    assert maps.dtype == np.float32 and maps.shape == (6, SIZE, SIZE)
+    assert not np.isnan(maps).any() and maps.max() == 0.0
+
+
+def test_gradcam_plus_plus_follows_eq_19(images):
+    """Grad-CAM++ weights for GAP -> Dense match eq. 19 computed by hand."""
+    model = gap_model()
+    weights = model.get_layer("logit").get_weights()[0][:, 0]
+    features = gap_features(model, images)
+    cells = features.shape[1] * features.shape[2]
+    gradient = weights / cells
+    alpha = gradient ** 2 / (2 * gradient ** 2 + features.sum(axis=(1, 2)) * gradient ** 3)
+    channel = (alpha * np.maximum(gradient, 0)) * cells
+    expected = np.stack([reference_cam(features[i:i + 1], channel[i])[0] for i in range(6)])
+    np.testing.assert_allclose(grad_cam(model, images, method="gradcam++"), expected,
+                               atol=1e-5)
+
+
+def test_batches_give_the_same_maps(images):
+    """Maps do not depend on the batch size."""
+    cam = GradCam(make_baseline_model(SIZE))
+    np.testing.assert_allclose(cam.explain(images, batch_size=4).maps,
+                               cam.explain(images, batch_size=6).maps, atol=1e-6)
+
+
+def test_default_layer_of_baseline_is_last_conv():
+    """The baseline's default is its last conv block output, ``last_conv``."""
+    assert resolve_target_layer(make_baseline_model(SIZE), None).name == "last_conv"
+
+
+def test_nested_vgg_default_layer_matches_flat_model(images):
+    """Inside a nested backbone the default is the last conv before pooling
+    (``block5_conv3`` in VGG16), and its maps equal those of the flattened model."""
+    nested = vgg_like_model()
+    inputs = keras.Input((SIZE, SIZE, 1), dtype="uint8")
+    x = keras.layers.Rescaling(1 / 255.0)(inputs)
+    x = keras.layers.Concatenate()([x, x, x])
+    copies = [(layer, layer.__class__.from_config(layer.get_config()))
+              for layer in [*nested.get_layer("vgg16").layers[1:],
+                            *(nested.get_layer(n) for n in ("gap", "dropout", "logit"))]]
+    for _, copy in copies:
+        x = copy(x)
+    flat = keras.Model(inputs, x)
+    for original, copy in copies:
+        copy.set_weights(original.get_weights())
+    cam = GradCam(nested)
+    assert cam.layer_name == "vgg16/block2_conv2"
+    np.testing.assert_allclose(cam.explain(images).maps,
+                               grad_cam(flat, images, layer_name="block2_conv2"), atol=1e-5)
+
+
+def test_nested_resnet_after_add_survives_save_and_load(images, tmp_path):
+    """ResNet-like: the default is the post-add block output, equal to ReLU(CAM) of the
+    backbone output, also after saving and loading in safe mode."""
+    model = resnet_like_model()
+    model.save(tmp_path / "model.keras")
+    loaded = keras.models.load_model(tmp_path / "model.keras", compile=False, safe_mode=True)
+    cam = GradCam(loaded)
+    assert cam.layer_name == "resnet50/conv5_block3_out"
+    rgb = np.repeat(images.astype(np.float32) / 255.0, 3, axis=-1)
+    features = keras.ops.convert_to_numpy(loaded.get_layer("resnet50")(rgb))
+    weights = loaded.get_layer("logit").get_weights()[0][:, 0]
+    np.testing.assert_allclose(cam.explain(images).maps, reference_cam(features, weights),
+                               atol=1e-5)
+
+
+def test_unknown_layer_lists_convolutional_layers():
+    """A name that does not exist is an error listing the model's conv layers."""
+    with pytest.raises(ValueError, match=r"are: vgg16/block1_conv1, vgg16/block2_conv1"):
+        grad_cam(vgg_like_model(), np.zeros((1, SIZE, SIZE, 1), np.uint8), layer_name="nope")
+
+
+def test_layer_bypassed_by_a_skip_connection_is_rejected():
+    """A layer inside a residual block is not a cut of the graph: a clear error."""
+    with pytest.raises(ValueError, match="cannot split the model"):
+        GradCam(resnet_like_model(), layer_name="resnet50/conv5_block3_1_conv")
+
+
+def test_non_feature_map_layer_is_rejected():
+    """A layer whose output is not 4-D cannot be explained."""
+    with pytest.raises(ValueError, match="Grad-CAM needs a 4-D"):
+        GradCam(make_baseline_model(SIZE), layer_name="gap")
+
+
+def test_wrong_image_dtype_is_rejected():
+    """Float images are rejected: the saved model takes uint8."""
+    with pytest.raises(ValueError, match="images must be uint8"):
+        grad_cam(gap_model(), np.zeros((1, SIZE, SIZE, 1), np.float32))
+
+
+JAX_SCRIPT = textwrap.dedent("""
+    import numpy as np, keras
+    from interpret_fixtures import resnet_like_model
+    from lungct.gradcam import GradCam
+    assert keras.backend.backend() == "jax"
+    images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 1)).astype(np.uint8)
+    model = resnet_like_model(seed=None)
+    cam = GradCam(model)
+    assert cam.layer_name == "resnet50/conv5_block3_out"
+    rgb = np.repeat(images.astype(np.float32) / 255.0, 3, axis=-1)
+    features = np.asarray(model.get_layer("resnet50")(rgb))
+    weights = model.get_layer("logit").get_weights()[0][:, 0]
+    for sign, target in ((1, "positive"), (-1, "negative")):
+        relu_cam = np.maximum(sign * features @ weights, 0)[..., None]
+        ref = np.asarray(keras.ops.image.resize(relu_cam, (32, 32)))[..., 0]
+        peak = ref.max(axis=(1, 2), keepdims=True)
+        ref = np.where(peak > 0, ref / np.where(peak > 0, peak, 1), 0)
+        assert np.abs(cam.explain(images, target).maps - ref).max() < 1e-5, target
+    print("jax-ok")
+""")
+
+
+def test_gradcam_on_jax_backend(tmp_path):
+    """On JAX, Grad-CAM at a nested backbone's output equals ReLU(+-CAM) for both targets."""
+    script = tmp_path / "jax_check.py"
+    script.write_text(JAX_SCRIPT, encoding="utf-8")
+    env = {**os.environ, "KERAS_BACKEND": "jax",
+           "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
+                          text=True, timeout=300, check=False)
+    assert "jax-ok" in done.stdout, done.stderr[-2000:]
+
+
+def planted_map(row: int, col: int) -> np.ndarray:
+    cam = np.zeros((1, 64, 64), np.float32)
+    cam[0, row, col] = 1.0
+    return cam
+
+
+def square_mask() -> np.ndarray:
+    mask = np.zeros((1, 64, 64), bool)
+    mask[0, 20:30, 20:30] = True
+    return mask
+
+
+def test_pointing_game_hits_planted_spot():
+    """A peak inside the mask, or within the 2-px tolerance, is a hit; far away a miss."""
+    assert dilation_radius_px(64) == 2
+    assert pointing_game(planted_map(25, 25), square_mask())[0][0]
+    assert pointing_game(planted_map(31, 25), square_mask())[0][0]
+    assert not pointing_game(planted_map(40, 25), square_mask())[0][0]
+
+
+def test_pointing_game_chance_and_zero_map():
+    """Chance rate is the dilated mask's area share; an all-zero map is a miss."""
+    hits, chance = pointing_game(np.zeros((1, 64, 64), np.float32), square_mask())
+    assert not hits[0]
+    assert 100 / 4096 < chance[0] < 14 * 14 / 4096
+
+
+def test_pointing_game_uses_plateau_centroid():
+    """A flat maximum points at its centroid."""
+    cam = np.zeros((1, 64, 64), np.float32)
+    cam[0, 22:28, 22:40] = 1.0
+    assert pointing_game(cam, square_mask())[0][0]
+
+
+def test_energy_of_uniform_map_equals_mask_area():
+    """A uniform map has as much energy inside the mask as the mask's area share."""
+    share, area = energy_in_masks(np.ones((1, 64, 64), np.float32), square_mask())
+    assert share[0] == pytest.approx(area[0]) and area[0] == pytest.approx(100 / 4096)
+
+
+def test_rank_correlation_bounds():
+    """Identical maps correlate at 1, reversed maps at -1, a constant map is NaN."""
+    ramp = np.linspace(0, 1, 16, dtype=np.float32).reshape(1, 4, 4)
+    assert rank_correlations(ramp, ramp)[0] == pytest.approx(1.0)
+    assert rank_correlations(ramp, 1 - ramp)[0] == pytest.approx(-1.0)
+    assert np.isnan(rank_correlations(ramp, np.zeros_like(ramp))[0])
+
+
+def test_randomisation_reinitialises_top_block_and_restores(images):
+    """The head and top block are redrawn inside the context and restored after it."""
+    model = make_baseline_model(SIZE)
+    cam = GradCam(model)
+    chosen = top_block_layers(model, cam.target)
+    assert [layer.name for layer in chosen] == ["block4_conv", "block4_bn", "logit"]
+    before = cam.explain(images).maps
+    kernel = model.get_layer("block4_conv").get_weights()[0].copy()
+    with randomised_weights(chosen, seed=0):
+        assert not np.allclose(model.get_layer("block4_conv").get_weights()[0], kernel)
+        changed = cam.explain(images).maps
+    np.testing.assert_array_equal(model.get_layer("block4_conv").get_weights()[0], kernel)
+    np.testing.assert_allclose(cam.explain(images).maps, before, atol=1e-6)
+    assert not np.allclose(changed, before)
+
+
+def test_gradcam_maps_are_resized_like_opencv(images):
+    """Upsampling is half-pixel-centred bilinear, as OpenCV INTER_LINEAR."""
+    model = gap_model()
+    weights = model.get_layer("logit").get_weights()[0][:, 0]
+    cams = np.maximum(gap_features(model, images) @ weights, 0)
+    resized = np.stack([cv2.resize(c, (SIZE, SIZE), interpolation=cv2.INTER_LINEAR)
+                        for c in cams])
+    np.testing.assert_allclose(
+        grad_cam(model, images) * resized.max(axis=(1, 2), keepdims=True), resized, atol=1e-5)
