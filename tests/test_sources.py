@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 import requests
 
-from lungct import sources
+from lungct import kaggle_source
 from lungct.errors import UserError
 from lungct.sources import (
     ResolvedSource,
@@ -206,7 +206,7 @@ def test_rerun_reuses_extraction(tmp_path: Path, caplog: pytest.LogCaptureFixtur
     folder = extract_archive(archive, tmp_path / "extracted")
     written = folder / "top.txt"
     before = (written.stat().st_ino, written.stat().st_mtime_ns)
-    with caplog.at_level(logging.INFO, logger="lungct.sources"):
+    with caplog.at_level(logging.INFO, logger="lungct.archives"):
         assert extract_archive(archive, tmp_path / "extracted") == folder
     assert (written.stat().st_ino, written.stat().st_mtime_ns) == before
     assert "reusing" in caplog.text
@@ -246,7 +246,7 @@ def test_hostile_tar_entries_are_refused(tmp_path: Path, caplog: pytest.LogCaptu
         add_tar_special(tar, "device", tarfile.CHRTYPE)
         add_tar_special(tar, "pipe", tarfile.FIFOTYPE)
     before = all_paths(tmp_path)
-    with caplog.at_level(logging.WARNING, logger="lungct.sources"):
+    with caplog.at_level(logging.WARNING, logger="lungct.archives"):
         folder = extract_archive(archive, tmp_path / "extracted")
     refused = dict(read_refused_entries(folder))
     assert set(refused) == {
@@ -448,7 +448,7 @@ def test_max_patients_downloads_selected_files_one_by_one(
     tmp_path: Path, install_kaggle, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
     """With --max-patients the file list (all pages) is read and only those files fetched."""
-    monkeypatch.setattr(sources, "_KAGGLE_PAGE_SIZE", 2)
+    monkeypatch.setattr(kaggle_source, "_KAGGLE_PAGE_SIZE", 2)
     api = install_kaggle(FakeKaggleApi(kaggle_files()))
     root = download_kaggle(SLUG, tmp_path / "raw", tmp_path / "extracted", max_patients=1)
     assert root == tmp_path / "raw" / "first-1-patients"
@@ -514,7 +514,7 @@ def test_limit_that_cannot_apply_downloads_everything(
 ) -> None:
     """When no file names a patient id the whole dataset is used, with a warning."""
     api = install_kaggle(FakeKaggleApi({"images/0001.dcm": b"a", "images/0002.dcm": b"b"}))
-    with caplog.at_level(logging.WARNING, logger="lungct.sources"):
+    with caplog.at_level(logging.WARNING, logger="lungct.kaggle_source"):
         root = download_kaggle(SLUG, tmp_path / "raw", tmp_path / "extracted", max_patients=1)
     assert files_under(root) == {"images/0001.dcm": b"a", "images/0002.dcm": b"b"}
     assert "--max-patients 1 could not be applied" in caplog.text

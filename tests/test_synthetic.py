@@ -13,7 +13,7 @@ import pytest
 
 from lungct import synthetic
 from lungct.errors import UserError
-from lungct.synthetic import generate_cohort
+from lungct.synthetic import generate_cohort, lesions, readers, scan
 
 NS = {"lidc": "http://www.nih.gov"}
 LIDC = "{http://www.nih.gov}"  # ElementTree tag prefix of the LIDC namespace
@@ -325,14 +325,14 @@ def test_unwritable_folder_is_a_user_error(tmp_path):
 def _rendered(lesion_kwargs: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """HU, occupancy and distance from the centre (px) around one 16 mm lesion drawn into
     flat lung at 256 px, on its centre slice."""
-    geometry = synthetic._geometry(256, np.random.default_rng(0))
+    geometry = scan._geometry(256, np.random.default_rng(0))
     k = len(geometry.z_mm) // 2
     centre_mm = float(geometry.axis_mm[128])  # on a pixel centre
     hu = np.full((len(geometry.z_mm), 256, 256), -860.0, dtype=np.float32)
-    lesion = synthetic._Lesion(kind="nodule", centre_mm=(centre_mm, centre_mm, geometry.z_mm[k]),
-                               diameter_mm=16.0, axes=(1.0, 1.0, 1.0), rotation=np.eye(3),
-                               **lesion_kwargs)
-    footprint = synthetic._render_lesion(hu, geometry, lesion)
+    lesion = lesions._Lesion(kind="nodule", centre_mm=(centre_mm, centre_mm, geometry.z_mm[k]),
+                             diameter_mm=16.0, axes=(1.0, 1.0, 1.0), rotation=np.eye(3),
+                             **lesion_kwargs)
+    footprint = lesions._render_lesion(hu, geometry, lesion)
     k0, r0, c0 = footprint.start
     occupancy = footprint.occupancy[k - k0]
     rows, cols = np.indices(occupancy.shape)
@@ -377,15 +377,15 @@ def test_lobulation_bumps_the_outline():
 
 def test_cavity_is_outlined_as_a_hole():
     """A reader who outlines holes marks a cavitated nodule's air with an inclusion FALSE roi."""
-    geometry = synthetic._geometry(256, np.random.default_rng(0))
+    geometry = scan._geometry(256, np.random.default_rng(0))
     k = len(geometry.z_mm) // 2
     hu = np.full((len(geometry.z_mm), 256, 256), -860.0, dtype=np.float32)
-    lesion = synthetic._Lesion(kind="nodule", centre_mm=(0.0, 0.0, geometry.z_mm[k]),
-                               diameter_mm=20.0, axes=(1.0, 1.0, 1.0), rotation=np.eye(3),
-                               cavity_radius_mm=4.0)
-    footprint = synthetic._render_lesion(hu, geometry, lesion)
-    reader = synthetic._Reader("1", "{:d}", 1, {}, threshold=0.5, outlines_holes=True)
-    rois = synthetic._outline(footprint, lesion, reader, geometry, np.random.default_rng(0))
+    lesion = lesions._Lesion(kind="nodule", centre_mm=(0.0, 0.0, geometry.z_mm[k]),
+                             diameter_mm=20.0, axes=(1.0, 1.0, 1.0), rotation=np.eye(3),
+                             cavity_radius_mm=4.0)
+    footprint = lesions._render_lesion(hu, geometry, lesion)
+    reader = readers._Reader("1", "{:d}", 1, {}, threshold=0.5, outlines_holes=True)
+    rois = readers._outline(footprint, lesion, reader, geometry, np.random.default_rng(0))
     holes = [roi for roi in rois if not roi.inclusion]
     assert holes and all(roi.slice_index in {r.slice_index for r in rois if r.inclusion}
                          for roi in holes)

@@ -1,0 +1,45 @@
+"""The built-in synthetic LIDC-IDRI-format cohort: CT DICOM series + LIDC XML readings.
+
+The pipeline's offline default and the fixture of the stage tests. It writes real files that
+a reader of LIDC-IDRI (Armato et al. 2011, Med. Phys. 38:915) accepts, so synthetic data goes
+through exactly the code real data goes through (/work/shared/LIDC_FORMAT.md is the contract):
+
+``out_dir/LIDC-IDRI-9001/<StudyInstanceUID>/<SeriesInstanceUID>/000001.dcm ... + NNN.xml``
+
+Each patient is one CT series of a 3D chest slab (air, body outline, subcutaneous fat, muscle,
+ribs, spine, heart, aorta, two textured lungs, vessels that look like nodules on a single axial
+slice) with nodules of 3-30 mm rendered in 3D: solid, part-solid or ground glass; smooth,
+lobulated (bumps), spiculated (thin radiating spikes) or calcified (a very bright core), some
+cavitated. Four simulated radiologists read every series: they miss some small nodules, outline
+each nodule with their own threshold, and rate the nine LIDC characteristics around the true
+shape with reader bias and noise. The latent malignancy follows shape (spiculation, lobulation,
+calcification, solidity) more than size, so a size-only baseline is weak by construction
+(``benchmarks/bench_synthetic_acceptance.py`` measures both). ``truth.json`` records the true
+parameters of every lesion and every reader's ratings; ``cohort.json`` (written last) marks a
+complete cohort, so a second call with the same parameters reuses it.
+
+Modules: ``scan`` (acquisition constants, pixel grid, noise, stored values), ``anatomy``
+(chest, lungs, vessels, bones), ``lesions`` (nodule shapes and malignancy), ``readers``
+(simulated radiologists and the LIDC XML), ``files`` (DICOM writing, reuse and clean-up),
+``truth`` (truth.json content) and ``cohort`` (:func:`generate_cohort`).
+"""
+
+from lungct.synthetic.cohort import (
+    COHORT_VERSION,
+    DEFAULT_IMAGE_SIZE_PX,
+    DEFAULT_PATIENTS,
+    generate_cohort,
+)
+from lungct.synthetic.scan import FIELD_OF_VIEW_MM, SLICE_THICKNESS_MM, SLICES_PER_PATIENT
+from lungct.synthetic.truth import LABEL_RULE
+
+__all__ = [
+    "COHORT_VERSION",
+    "DEFAULT_IMAGE_SIZE_PX",
+    "DEFAULT_PATIENTS",
+    "FIELD_OF_VIEW_MM",
+    "LABEL_RULE",
+    "SLICES_PER_PATIENT",
+    "SLICE_THICKNESS_MM",
+    "generate_cohort",
+]
