@@ -16,25 +16,22 @@ import logging
 import os
 import platform
 import re
-import secrets
 import shutil
 from collections import Counter
-from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lungct import __version__, dicom, lidc, sources
 from lungct.dataset import SPLITS, Selection, balance, split_patients
 from lungct.errors import UserError
-from lungct.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
+from lungct.fileio import atomic_write_bytes, atomic_write_json
+from lungct.labels import find_candidates
 from lungct.parallel import pool_map
+from lungct.pseudonym import pseudonymise
 from lungct.render import RenderSettings, encode_png, render
 from lungct.samples import (
-    IMAGE_SUFFIXES,
     Candidate,
-    csv_candidates,
-    folder_candidates,
-    lidc_candidates,
 )
 
 __all__ = ["PrepareConfig", "MANIFEST_COLUMNS", "run"]
@@ -47,8 +44,6 @@ MANIFEST_COLUMNS = (
     "mask_path", "source_file",
 )
 CLASS_NAMES = ("non_cancer", "cancer")
-_SALT_FILE = ".lungct_salt"
-_UID_PART = re.compile(r"^[0-9.]{16,}$")
 
 
 @dataclass(frozen=True)
@@ -137,158 +132,6 @@ def _input_hash(config: PrepareConfig, root: Path, files: list[Path], descriptio
     for path in files:
         digest.update(f"{path.relative_to(root).as_posix()}\0{path.stat().st_size}\n".encode())
     return digest.hexdigest()
-
-
-def _header_or_reason(path: Path) -> dicom.SliceHeader | str:
-    try:
-        return dicom.read_header(path)
-    except dicom.UnusableFileError as skip:
-        return str(skip)
-
-
-# ----------------------------------------------------------------------------- candidates
-@dataclass
-class _Found:
-    candidates: list[Candidate]
-    skipped: dict[Path, str]
-    label_source: str
-    outcomes: dict[str, int] = field(default_factory=dict)
-
-
-def _index_dicom(files: list[Path], workers: int, skipped: dict[Path, str]) -> list:
-    headers = []
-    for path, result in zip(files, pool_map(_header_or_reason, files, workers, "index"),
-                            strict=True):
-        if isinstance(result, str):
-            skipped[path] = result
-        else:
-            headers.append(result)
-    return headers
-
-
-def _from_lidc(config: PrepareConfig, root: Path, files: list[Path], xml_files: list[Path],
-               skipped: dict[Path, str]) -> _Found:
-    rel = lambda path: path.relative_to(root).as_posix()  # noqa: E731
-    readings_by_series: dict[str, lidc.Readings] = {}
-    for path in xml_files:
-        try:
-            readings = lidc.parse_readings(path)
-        except lidc.LidcParseError as error:
-            skipped[path] = str(error)
-            continue
-        if readings.series_uid in readings_by_series:
-            skipped[path] = "second readings file for the same series"
-        else:
-            readings_by_series[readings.series_uid] = readings
-    xml_set = set(xml_files)
-    headers = _index_dicom([f for f in files if f not in xml_set], config.workers, skipped)
-    series_list, dropped = dicom.assemble_series(headers)
-    skipped.update(dict(dropped))
-    candidates: list[Candidate] = []
-    outcomes: Counter[str] = Counter()
-    matched: set[str] = set()
-    for series in series_list:
-        readings = readings_by_series.get(series.series_uid)
-        if readings is None:
-            skipped.update({s.path: "no readings for series" for s in series.slices})
-            continue
-        matched.add(series.series_uid)
-        found, reasons, counts = lidc_candidates(
-            series, readings, config.label_rule, config.negative_margin_mm, rel
-        )
-        candidates += found
-        skipped.update(reasons)
-        outcomes.update(counts)
-    for uid, readings in readings_by_series.items():
-        if uid not in matched:
-            skipped[readings.path] = "readings for a series that is not in the input"
-    return _Found(candidates, skipped, "lidc_xml", dict(sorted(outcomes.items())))
-
-
-def _patient_finder(config: PrepareConfig, root: Path) -> Callable[[Path], str | None]:
-    pattern = re.compile(config.patient_regex)
-
-    def patient_of(path: Path) -> str | None:
-        if path.suffix.lower() not in IMAGE_SUFFIXES:
-            try:
-                patient = dicom.read_header(path).patient_id
-            except dicom.UnusableFileError:
-                patient = ""
-            if patient:
-                return patient
-        match = pattern.search(path.relative_to(root).as_posix())
-        return match.group(0) if match else None
-
-    return patient_of
-
-
-def _from_user_labels(config: PrepareConfig, root: Path, files: list[Path],
-                      skipped: dict[Path, str]) -> _Found:
-    images = [f for f in files if f.suffix.lower() in IMAGE_SUFFIXES]
-    others = [f for f in files if f.suffix.lower() not in IMAGE_SUFFIXES]
-    usable = images + [h.path for h in _index_dicom(others, config.workers, skipped)]
-    usable.sort()
-    if config.labels_csv is not None:
-        candidates, reasons = csv_candidates(Path(config.labels_csv), root, usable)
-        source = "labels_csv"
-    else:
-        candidates, reasons = folder_candidates(root, usable, _patient_finder(config, root))
-        source = "class_folders"
-    skipped.update(reasons)
-    return _Found(candidates, skipped, source)
-
-
-def _find_candidates(config: PrepareConfig, root: Path, files: list[Path],
-                     skipped: dict[Path, str]) -> _Found:
-    xml_files = [f for f in files if f.suffix.lower() == ".xml"]
-    if any(lidc.is_lidc_readings_file(f) for f in xml_files):
-        if config.labels_csv is not None:
-            LOG.warning("LIDC XML readings found: they label the data, --labels is ignored")
-        found = _from_lidc(config, root, files, xml_files, skipped)
-    else:
-        found = _from_user_labels(config, root, files, skipped)
-    if not found.candidates:
-        hint = ""
-        if any(re.fullmatch(r"nodule-\d+", part) for f in files for part in f.parts):
-            hint = (" Folders named nodule-N (as in zhangweiled/lidcidri) are nodule indices, "
-                    "not classes: give a --labels CSV.")
-        raise UserError(
-            f"no usable labels in {root}: found no LIDC XML readings matching a CT series, "
-            f"no --labels CSV and no class-named folders (e.g. cancer/, benign/).{hint}"
-        )
-    return found
-
-
-# ----------------------------------------------------------------------------- pseudonyms
-def _pseudonymiser(work_dir: Path) -> Callable[[str], str]:
-    """Salted SHA-256 pseudonyms; the salt lives in ``work_dir/.lungct_salt`` (keep it private)."""
-    salt_file = work_dir / _SALT_FILE
-    if not salt_file.exists():
-        atomic_write_text(salt_file, secrets.token_hex(16))
-    salt = salt_file.read_text().strip()
-    return lambda value: "P" + hashlib.sha256(f"{salt}:{value}".encode()).hexdigest()[:12]
-
-
-def _pseudonymise(candidates: list[Candidate], skipped: dict[Path, str], work_dir: Path,
-                  root: Path) -> tuple[list[Candidate], dict[str, str]]:
-    pseudo = _pseudonymiser(work_dir)
-    ids = {c.patient_id for c in candidates}
-
-    def mask_path(relative: str) -> str:
-        parts = []
-        for part in relative.split("/"):
-            for patient in ids:
-                part = part.replace(patient, pseudo(patient)) if patient else part
-            parts.append(pseudo(part) if _UID_PART.match(part) else part)
-        return "/".join(parts)
-
-    renamed = [
-        replace(c, patient_id=pseudo(c.patient_id), source_file=mask_path(c.source_file),
-                series_uid=pseudo(c.series_uid) if c.series_uid else "")
-        for c in candidates
-    ]
-    masked_skips = {mask_path(p.relative_to(root).as_posix()): r for p, r in skipped.items()}
-    return renamed, masked_skips
 
 
 # ----------------------------------------------------------------------------- writing
@@ -397,11 +240,11 @@ def run(config: PrepareConfig) -> dict:
     skipped: dict[Path, str] = dict(links)
     skipped.update({root / name: f"unsafe archive entry: {why}"
                     for name, why in source.refused_entries})
-    found = _find_candidates(config, root, files, skipped)
+    found = find_candidates(config, root, files, skipped)
     candidates = found.candidates
     skipped_rel = {p.relative_to(root).as_posix(): r for p, r in found.skipped.items()}
     if config.pseudonymise:
-        candidates, skipped_rel = _pseudonymise(candidates, found.skipped, work_dir, root)
+        candidates, skipped_rel = pseudonymise(candidates, found.skipped, work_dir, root)
 
     patient_labels: dict[str, int] = {}
     for candidate in candidates:

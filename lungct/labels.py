@@ -1,0 +1,155 @@
+"""Which label source applies to an input tree, and the candidate samples it yields.
+
+LIDC XML readings win when any readings file is present; otherwise a ``--labels`` CSV;
+otherwise class-named folders (DESIGN.md section 3). Every input file that cannot be a
+candidate gets a reason for skipped.csv.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from lungct import dicom, lidc
+from lungct.errors import UserError
+from lungct.parallel import pool_map
+from lungct.samples import (
+    IMAGE_SUFFIXES,
+    Candidate,
+    csv_candidates,
+    folder_candidates,
+    lidc_candidates,
+)
+
+if TYPE_CHECKING:
+    from lungct.prepare import PrepareConfig
+
+__all__ = ["Found", "find_candidates"]
+
+LOG = logging.getLogger(__name__)
+
+
+def _header_or_reason(path: Path) -> dicom.SliceHeader | str:
+    try:
+        return dicom.read_header(path)
+    except dicom.UnusableFileError as skip:
+        return str(skip)
+
+
+@dataclass
+class Found:
+    """Candidates, reasons for files that are not, the label source and nodule outcomes."""
+
+    candidates: list[Candidate]
+    skipped: dict[Path, str]
+    label_source: str
+    outcomes: dict[str, int] = field(default_factory=dict)
+
+
+def _index_dicom(files: list[Path], workers: int, skipped: dict[Path, str]) -> list:
+    headers = []
+    for path, result in zip(files, pool_map(_header_or_reason, files, workers, "index"),
+                            strict=True):
+        if isinstance(result, str):
+            skipped[path] = result
+        else:
+            headers.append(result)
+    return headers
+
+
+def _from_lidc(config: PrepareConfig, root: Path, files: list[Path], xml_files: list[Path],
+               skipped: dict[Path, str]) -> Found:
+    rel = lambda path: path.relative_to(root).as_posix()  # noqa: E731
+    readings_by_series: dict[str, lidc.Readings] = {}
+    for path in xml_files:
+        try:
+            readings = lidc.parse_readings(path)
+        except lidc.LidcParseError as error:
+            skipped[path] = str(error)
+            continue
+        if readings.series_uid in readings_by_series:
+            skipped[path] = "second readings file for the same series"
+        else:
+            readings_by_series[readings.series_uid] = readings
+    xml_set = set(xml_files)
+    headers = _index_dicom([f for f in files if f not in xml_set], config.workers, skipped)
+    series_list, dropped = dicom.assemble_series(headers)
+    skipped.update(dict(dropped))
+    candidates: list[Candidate] = []
+    outcomes: Counter[str] = Counter()
+    matched: set[str] = set()
+    for series in series_list:
+        readings = readings_by_series.get(series.series_uid)
+        if readings is None:
+            skipped.update({s.path: "no readings for series" for s in series.slices})
+            continue
+        matched.add(series.series_uid)
+        found, reasons, counts = lidc_candidates(
+            series, readings, config.label_rule, config.negative_margin_mm, rel
+        )
+        candidates += found
+        skipped.update(reasons)
+        outcomes.update(counts)
+    for uid, readings in readings_by_series.items():
+        if uid not in matched:
+            skipped[readings.path] = "readings for a series that is not in the input"
+    return Found(candidates, skipped, "lidc_xml", dict(sorted(outcomes.items())))
+
+
+def _patient_finder(config: PrepareConfig, root: Path) -> Callable[[Path], str | None]:
+    pattern = re.compile(config.patient_regex)
+
+    def patient_of(path: Path) -> str | None:
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            try:
+                patient = dicom.read_header(path).patient_id
+            except dicom.UnusableFileError:
+                patient = ""
+            if patient:
+                return patient
+        match = pattern.search(path.relative_to(root).as_posix())
+        return match.group(0) if match else None
+
+    return patient_of
+
+
+def _from_user_labels(config: PrepareConfig, root: Path, files: list[Path],
+                      skipped: dict[Path, str]) -> Found:
+    images = [f for f in files if f.suffix.lower() in IMAGE_SUFFIXES]
+    others = [f for f in files if f.suffix.lower() not in IMAGE_SUFFIXES]
+    usable = images + [h.path for h in _index_dicom(others, config.workers, skipped)]
+    usable.sort()
+    if config.labels_csv is not None:
+        candidates, reasons = csv_candidates(Path(config.labels_csv), root, usable)
+        source = "labels_csv"
+    else:
+        candidates, reasons = folder_candidates(root, usable, _patient_finder(config, root))
+        source = "class_folders"
+    skipped.update(reasons)
+    return Found(candidates, skipped, source)
+
+
+def find_candidates(config: PrepareConfig, root: Path, files: list[Path],
+                     skipped: dict[Path, str]) -> Found:
+    xml_files = [f for f in files if f.suffix.lower() == ".xml"]
+    if any(lidc.is_lidc_readings_file(f) for f in xml_files):
+        if config.labels_csv is not None:
+            LOG.warning("LIDC XML readings found: they label the data, --labels is ignored")
+        found = _from_lidc(config, root, files, xml_files, skipped)
+    else:
+        found = _from_user_labels(config, root, files, skipped)
+    if not found.candidates:
+        hint = ""
+        if any(re.fullmatch(r"nodule-\d+", part) for f in files for part in f.parts):
+            hint = (" Folders named nodule-N (as in zhangweiled/lidcidri) are nodule indices, "
+                    "not classes: give a --labels CSV.")
+        raise UserError(
+            f"no usable labels in {root}: found no LIDC XML readings matching a CT series, "
+            f"no --labels CSV and no class-named folders (e.g. cancer/, benign/).{hint}"
+        )
+    return found
