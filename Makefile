@@ -14,10 +14,13 @@ $(STAMP): requirements.txt requirements-dev.txt constraints.txt
 
 setup: $(STAMP)
 
-# The three stages in order on the built-in synthetic cohort (CPU-sized settings).
+# The three stages in order on the built-in synthetic cohort (CPU-sized settings: patch view,
+# 64 px, about 1,000 images; training picks the quick preset on a CPU).
 demo: setup
 	$(PY) prepare_lung_dataset.py --source synthetic --view patch --image-size 64 \
 		--target-count 1000
+	$(PY) training_lung_cnn.py
+	$(PY) interpretation.py
 
 test: setup
 	$(PY) -m pytest -q
@@ -25,6 +28,14 @@ test: setup
 lint: setup
 	$(PY) -m ruff check lungct tests benchmarks *.py
 
+# CPU benchmarks; JSON per run in benchmarks/out/, figures copied into benchmarks/RESULTS.md.
+bench: setup
+	$(PY) benchmarks/bench_prepare.py --out benchmarks/out/prepare.json
+	$(PY) benchmarks/bench_synthetic_acceptance.py --out benchmarks/out/synthetic_acceptance.json
+	$(PY) benchmarks/bench_train.py --out benchmarks/out/train.json
+	$(PY) benchmarks/bench_gradcam.py --output benchmarks/out/gradcam.json
+
 clean:
 	rm -rf output_dataset output_dataset.partial raw_synthetic extracted runs reports \
+		benchmarks/out \
 		lung_cancer_cnn_enhanced.h5 lung_cancer_cnn_enhanced.keras training_results.json
