@@ -9,8 +9,6 @@ training_results.json. See README.md.
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 from pathlib import Path
 
 from lungct.cli import add_logging_flags, configure_logging, run_main
@@ -158,11 +156,6 @@ def main(argv: list[str] | None = None) -> int:
     """Parse ``argv``, train, and return the exit code."""
     args = build_parser().parse_args(argv)
     configure_logging(args.verbose, args.quiet)
-    # JAX logs at INFO that it found no TPU on every start; that is not news to a user.
-    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
-    # TensorFlow's C++ notices (e.g. no CUDA on a CPU machine) are noise for users; set
-    # before Keras imports TensorFlow. Python exceptions still report real failures.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
     def body() -> int:
         from lungct.train import TrainConfig, run

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable
 
@@ -22,7 +23,14 @@ def add_logging_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def configure_logging(verbose: bool = False, quiet: bool = False) -> None:
-    """Log to stderr as ``LEVEL message``; INFO by default."""
+    """Log to stderr as ``LEVEL message``; INFO by default.
+
+    Also quiets framework start-up noise that is not news to a user: TensorFlow's C++ notices
+    (e.g. "failed call to cuInit" on a CPU machine; set before TensorFlow is imported) and
+    JAX's "no TPU found". Python exceptions still report real failures.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))

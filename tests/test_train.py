@@ -249,6 +249,33 @@ def test_transfer_model_trains_on_cached_activations(
         assert (not np.array_equal(before, after)) is changed, layer
 
 
+def test_transfer_model_trains_on_augmented_images_without_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With cached features off (the full preset), both phases fit the augmented whole model."""
+    spec = models.BackboneSpec(_stand_in_backbone, "stand_in.h5", "https://invalid", "top_relu")
+    monkeypatch.setitem(models.BACKBONES, "vgg16", spec)
+    dataset = write_tiny_dataset(tmp_path / "output_dataset", {"train": 8, "val": 4, "test": 4})
+    results = train.run(
+        TrainConfig(
+            dataset_dir=dataset,
+            out_dir=tmp_path / "out",
+            models=("vgg16",),
+            weights="none",
+            cached_features=False,
+            frozen_epochs=1,
+            fine_tune_epochs=1,
+            fine_tune_layers=2,
+            batch_size=8,
+            progress="none",
+        )
+    )
+    outcome = results["models"]["vgg16"]
+    assert outcome["history"]["phase"] == ["frozen", "fine_tune"]
+    assert outcome["fine_tuned_layers"] == ["conv2"]
+    assert results["config"]["cached_features"] is False
+
+
 def test_too_many_fine_tune_layers_is_a_user_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
