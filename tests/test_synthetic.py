@@ -263,6 +263,44 @@ def test_summary_counts_the_truth(truth):
     assert summary["slices_cancer"] == sum(len(p["slices"]["cancer"]) for p in truth["patients"])
 
 
+def test_both_kinds_of_patients_are_recorded(truth):
+    """truth.json flags each patient cancer-free or not; the seed-2 pair holds one of each."""
+    flags = [patient["cancer_free"] for patient in truth["patients"]]
+    assert flags == [True, False]
+    assert truth["summary"]["patients_cancer_free"] == 1
+
+
+def test_cancer_free_patients_have_no_nodule_rated_above_3(truth):
+    """Every nodule of a cancer-free patient has a readers' median <= 3 and no cancer slice."""
+    cancer_free = [patient for patient in truth["patients"] if patient["cancer_free"]]
+    nodules = [lesion for patient in cancer_free for lesion in patient["lesions"]
+               if lesion["kind"] == "nodule"]
+    assert len(nodules) >= 5
+    assert all(nodule["median_malignancy"] is None or nodule["median_malignancy"] <= 3
+               for nodule in nodules)
+    assert all(not patient["slices"]["cancer"] for patient in cancer_free)
+
+
+def test_benign_shapes_stay_below_the_bound_at_every_size():
+    """Benign-end shapes of 3-30 mm nodules score <= the bound and are never part-solid."""
+    rng = np.random.default_rng(0)
+    for diameter_mm in (3.0, 10.0, 20.0, 30.0):
+        for _ in range(50):
+            texture, calcified, spiculation, lobulation = lesions._benign_shape(diameter_mm, rng)
+            assert texture != "part_solid"
+            assert lesions._shape_score(diameter_mm, spiculation, lobulation, calcified,
+                                        texture) <= lesions.BENIGN_MAX_SHAPE_SCORE
+
+
+def test_latent_malignancy_is_the_shape_score_plus_a_nodule_term():
+    """The latent malignancy is the shape score plus one N(0, 0.5) draw, for every patient."""
+    shape = (20.0, 0.1, 0.2, True, "solid")
+    latent = lesions._latent_malignancy(*shape, np.random.default_rng(4))
+    expected = lesions._shape_score(*shape) + np.random.default_rng(4).normal(0.0, 0.5)
+    assert latent == pytest.approx(expected)
+    assert lesions._shape_score(*shape) == pytest.approx(3.5 + 0.55 * 8 / 6 - 1.0 - 0.32 - 2.2)
+
+
 def test_generation_is_byte_identical_for_the_same_arguments(cohort, tmp_path):
     """A second generation with the same seed writes exactly the same files."""
     again = generate_cohort(tmp_path / "again", n_patients=2, image_size_px=SIZE_PX, seed=2)

@@ -14,9 +14,13 @@ cavitated. Four simulated radiologists read every series: they miss some small n
 each nodule with their own threshold, and rate the nine LIDC characteristics around the true
 shape with reader bias and noise. The latent malignancy follows shape (spiculation, lobulation,
 calcification, solidity) more than size, so a size-only baseline is weak by construction
-(``benchmarks/bench_synthetic_acceptance.py`` measures both). ``truth.json`` records the true
-parameters of every lesion and every reader's ratings; ``cohort.json`` (written last) marks a
-complete cohort, so a second call with the same parameters reuses it.
+(``benchmarks/bench_synthetic_acceptance.py`` measures both). About ``CANCER_FREE_FRACTION``
+of the patients are cancer-free by design: their nodules are drawn from the benign end of the
+same shape parameters (no part-solid texture, calcified more often, smooth), so their readers'
+median malignancy stays <= 3 while labels still follow shape. ``truth.json`` records each
+patient's ``cancer_free`` flag, the true parameters of every lesion and every reader's
+ratings; ``cohort.json`` (written last) marks a complete cohort, so a second call with the
+same parameters reuses it.
 
 Modules: ``scan`` (acquisition constants, pixel grid, noise, stored values), ``anatomy``
 (chest, lungs, vessels, bones), ``lesions`` (nodule shapes and malignancy), ``readers``
@@ -30,10 +34,12 @@ from lungct.synthetic.cohort import (
     DEFAULT_PATIENTS,
     generate_cohort,
 )
+from lungct.synthetic.lesions import CANCER_FREE_FRACTION
 from lungct.synthetic.scan import FIELD_OF_VIEW_MM, SLICE_THICKNESS_MM, SLICES_PER_PATIENT
 from lungct.synthetic.truth import LABEL_RULE
 
 __all__ = [
+    "CANCER_FREE_FRACTION",
     "COHORT_VERSION",
     "DEFAULT_IMAGE_SIZE_PX",
     "DEFAULT_PATIENTS",

@@ -19,7 +19,7 @@ from lungct.synthetic.anatomy import (
     _sample_vessels,
 )
 from lungct.synthetic.files import _is_complete, _remove_previous, _series_ids, _write_series
-from lungct.synthetic.lesions import _place_lesions, _render_lesion
+from lungct.synthetic.lesions import CANCER_FREE_FRACTION, _place_lesions, _render_lesion
 from lungct.synthetic.readers import (
     READERS_PER_SERIES,
     _read_series,
@@ -47,21 +47,26 @@ __all__ = ["COHORT_VERSION", "DEFAULT_IMAGE_SIZE_PX", "DEFAULT_PATIENTS", "gener
 
 LOG = logging.getLogger(__name__)
 
-COHORT_VERSION = 1
-DEFAULT_PATIENTS = 48
+COHORT_VERSION = 2
+DEFAULT_PATIENTS = 64
 DEFAULT_IMAGE_SIZE_PX = 256
 
 
 def _patient(out_dir: Path, index: int, params: dict) -> dict:
-    """Generate, write and describe patient ``index`` (``LIDC-IDRI-9001`` is index 0)."""
+    """Generate, write and describe patient ``index`` (``LIDC-IDRI-9001`` is index 0).
+
+    The first draw of the patient's stream decides whether the patient is cancer-free
+    (probability ``CANCER_FREE_FRACTION``): then every nodule gets a benign-end shape.
+    """
     rng = np.random.default_rng([params["seed"], index])
+    cancer_free = bool(rng.random() < CANCER_FREE_FRACTION)
     patient_id = f"LIDC-IDRI-{9001 + index}"
     geometry = _geometry(params["image_size_px"], rng)
     anatomy = _sample_anatomy(geometry, rng)
     hu, lung = _render_anatomy(geometry, anatomy, rng)
     vessels = _sample_vessels(geometry, anatomy, rng)
     _render_vessels(hu, lung, geometry, vessels)
-    lesions = _place_lesions(geometry, anatomy, rng)
+    lesions = _place_lesions(geometry, anatomy, rng, cancer_free)
     footprints = [_render_lesion(hu, geometry, lesion) for lesion in lesions]
     _add_noise(hu, rng)
     readers = _sample_readers(rng)
@@ -75,7 +80,7 @@ def _patient(out_dir: Path, index: int, params: dict) -> dict:
                for i, lesion in enumerate(lesions)]
     return {
         "patient_id": patient_id, "study_instance_uid": ids.study_uid,
-        "series_instance_uid": ids.series_uid,
+        "series_instance_uid": ids.series_uid, "cancer_free": cancer_free,
         "series_dir": series_dir.relative_to(out_dir).as_posix(),
         "readings_file": (series_dir / ids.readings_name).relative_to(out_dir).as_posix(),
         "pixel_spacing_mm": geometry.pixel_spacing_mm, "slice_z_mm": list(geometry.z_mm),

@@ -14,11 +14,17 @@ import numpy as np
 from lungct.synthetic.anatomy import _LUNG_BASE_HU, _Anatomy, _blend, _soft, _span
 from lungct.synthetic.scan import _Geometry
 
-__all__: list[str] = []  # internal to lungct.synthetic
+__all__ = ["BENIGN_MAX_SHAPE_SCORE", "CANCER_FREE_FRACTION"]
 
 LOG = logging.getLogger(__name__)
 
 _LOBE_AMPLITUDE = 0.6  # radius change per unit of lobulation at a lobe's apex
+#: Share of patients drawn cancer-free: all their nodules get benign-end shapes.
+CANCER_FREE_FRACTION = 0.35
+#: Highest shape score (latent malignancy less its nodule-level term, sd 0.5) of a benign-end
+#: nodule: 3 sd below the rating 3, so readers' medians stay <= 3 (simulated: > 3 for about
+#: 1 nodule in 5,000, >= 4 for fewer).
+BENIGN_MAX_SHAPE_SCORE = 1.5
 
 
 @dataclass(frozen=True, eq=False)
@@ -83,28 +89,66 @@ def _axes(elongation: float) -> tuple[float, float, float]:
     return (elongation ** (-1 / 3), elongation ** (-1 / 3), elongation ** (2 / 3))
 
 
-def _latent_malignancy(diameter_mm: float, spiculation: float, lobulation: float,
-                       calcified: bool, texture: str, rng: np.random.Generator) -> float:
-    """Radiologists' underlying suspicion on the 1-5 scale: shape first, size second.
+def _shape_score(diameter_mm: float, spiculation: float, lobulation: float, calcified: bool,
+                 texture: str) -> float:
+    """The part of the latent malignancy that shape and size decide (1-5 scale).
 
     Spiculation, lobulation and part-solid texture raise it and calcification lowers it, as in
-    the Fleischner / Brock risk factors; a nodule-level term stands for what no parameter holds.
+    the Fleischner / Brock risk factors (McWilliams et al. 2013, N Engl J Med 369:910); size
+    counts less than shape.
     """
     return (3.5 + 0.55 * (diameter_mm - 12.0) / 6.0 + 5.0 * (spiculation - 0.3)
             + 3.2 * (lobulation - 0.3) - 2.2 * calcified + 0.8 * (texture == "part_solid")
-            - 0.3 * (texture == "ground_glass") + rng.normal(0.0, 0.5))
+            - 0.3 * (texture == "ground_glass"))
 
 
-def _sample_nodule(centre_mm: tuple[float, float, float], diameter_mm: float,
-                   rng: np.random.Generator) -> _Lesion:
-    """Shape, texture and latent malignancy of a nodule >= 3 mm."""
-    texture = str(rng.choice(["solid", "part_solid", "ground_glass"], p=[0.7, 0.15, 0.15]))
-    calcified = texture == "solid" and rng.random() < 0.18
+def _latent_malignancy(diameter_mm: float, spiculation: float, lobulation: float,
+                       calcified: bool, texture: str, rng: np.random.Generator) -> float:
+    """Radiologists' underlying suspicion on the 1-5 scale: the shape score plus a
+    nodule-level term (sd 0.5) that stands for what no parameter holds."""
+    return (_shape_score(diameter_mm, spiculation, lobulation, calcified, texture)
+            + rng.normal(0.0, 0.5))
+
+
+def _draw_shape(rng: np.random.Generator, benign: bool) -> tuple[str, bool, float, float]:
+    """Texture, calcified, spiculation and lobulation of one nodule.
+
+    A benign draw comes from the benign end of the same parameters: no part-solid texture,
+    calcification more often, spiculation and lobulation near 0 (smooth outlines).
+    """
+    texture = str(rng.choice(["solid", "part_solid", "ground_glass"],
+                             p=[0.8, 0.0, 0.2] if benign else [0.7, 0.15, 0.15]))
+    calcified = texture == "solid" and rng.random() < (0.3 if benign else 0.18)
     spiculation, lobulation = rng.beta(0.9, 2.2), rng.beta(0.9, 2.2)
+    if benign:
+        spiculation, lobulation = 0.5 * spiculation, 0.6 * lobulation
     if calcified:
         spiculation, lobulation = 0.3 * spiculation, 0.5 * lobulation
     if texture == "ground_glass":
         spiculation *= 0.3
+    return texture, bool(calcified), float(spiculation), float(lobulation)
+
+
+def _benign_shape(diameter_mm: float, rng: np.random.Generator
+                  ) -> tuple[str, bool, float, float]:
+    """A benign-end shape whose shape score is at most ``BENIGN_MAX_SHAPE_SCORE``.
+
+    Shapes are drawn again until the score fits: large benign nodules come out calcified or
+    very smooth. Terminates: a calcified smooth 30 mm nodule scores 0.5.
+    """
+    while True:
+        shape = _draw_shape(rng, benign=True)
+        if _shape_score(diameter_mm, shape[2], shape[3], shape[1], shape[0]) \
+                <= BENIGN_MAX_SHAPE_SCORE:
+            return shape
+
+
+def _sample_nodule(centre_mm: tuple[float, float, float], diameter_mm: float,
+                   rng: np.random.Generator, benign: bool = False) -> _Lesion:
+    """Shape, texture and latent malignancy of a nodule >= 3 mm (a benign-end shape if
+    ``benign``: the nodules of a cancer-free patient)."""
+    texture, calcified, spiculation, lobulation = (
+        _benign_shape(diameter_mm, rng) if benign else _draw_shape(rng, benign=False))
     radius = diameter_mm / 2
     spikes = int(round(20 * spiculation))
     calcification = ("central" if rng.random() < 0.6 else "solid") if calcified else "absent"
@@ -241,10 +285,12 @@ def _free_spot(lesion: _Lesion, placed: list[_Lesion], geometry: _Geometry,
     return None
 
 
-def _place_lesions(geometry: _Geometry, anatomy: _Anatomy,
-                   rng: np.random.Generator) -> list[_Lesion]:
-    """5-8 nodules >= 3 mm, 0-2 nodules < 3 mm and 0-1 non-nodule inside the lungs."""
-    drafts = [_sample_nodule((0.0, 0.0, 0.0), 3.0 + 27.0 * rng.beta(1.4, 1.9), rng)
+def _place_lesions(geometry: _Geometry, anatomy: _Anatomy, rng: np.random.Generator,
+                   cancer_free: bool) -> list[_Lesion]:
+    """5-8 nodules >= 3 mm (benign-end shapes if ``cancer_free``), 0-2 nodules < 3 mm and 0-1
+    non-nodule inside the lungs."""
+    drafts = [_sample_nodule((0.0, 0.0, 0.0), 3.0 + 27.0 * rng.beta(1.4, 1.9), rng,
+                             benign=cancer_free)
               for _ in range(int(rng.integers(5, 9)))]
     drafts += [_sample_minor("small_nodule", (0.0, 0.0, 0.0), rng.uniform(1.5, 2.9), rng)
                for _ in range(int(rng.integers(0, 3)))]

@@ -131,7 +131,9 @@ def _summary(patients: list[dict], max_per_patient: int = 20) -> dict:
     demo's ``--max-per-patient``); negative = benign nodule or no finding."""
     nodules = [lesion for patient in patients for lesion in patient["lesions"]
                if lesion["kind"] == "nodule"]
-    summary: dict[str, int] = {"patients": len(patients), "nodules": len(nodules)}
+    summary: dict[str, int] = {
+        "patients": len(patients), "nodules": len(nodules),
+        "patients_cancer_free": sum(patient["cancer_free"] for patient in patients)}
     for outcome in ("cancer", "non_cancer", "excluded", "unrated"):
         summary[f"nodules_{outcome}"] = sum(lesion["label"] == outcome for lesion in nodules)
     for kind in ("small_nodule", "non_nodule"):
