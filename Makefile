@@ -30,9 +30,11 @@ lint: setup
 
 # CPU benchmarks; JSON per run in benchmarks/out/, figures copied into benchmarks/RESULTS.md.
 bench: setup
-	$(PY) benchmarks/bench_prepare.py --out benchmarks/out/prepare.json
+	$(PY) benchmarks/bench_prepare.py --patients 4 --repeats 5 --out benchmarks/out/prepare.json
 	$(PY) benchmarks/bench_synthetic_acceptance.py --out benchmarks/out/synthetic_acceptance.json
-	$(PY) benchmarks/bench_train.py --out benchmarks/out/train.json
+	for model in baseline vgg16 resnet50; do for backend in tensorflow jax; do \
+		KERAS_BACKEND=$$backend $(PY) benchmarks/bench_train.py --model $$model --n-images 256 \
+			--out benchmarks/out/train_$${model}_$$backend.json -q || exit 1; done; done
 	$(PY) benchmarks/bench_gradcam.py --output benchmarks/out/gradcam.json
 
 clean:
