@@ -7,6 +7,7 @@ rendering it to a PNG is lungct.render's job, choosing among candidates lungct.d
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 from collections.abc import Callable, Iterable
@@ -96,7 +97,10 @@ class Candidate:
         if self.series_uid:
             stem = f"{self.patient_id}_{self.series_uid[-12:]}_z{self.slice_z_mm:+09.2f}"
             return f"{stem}_{self.nodule_id}" if self.nodule_id else stem
-        return re.sub(r"[^A-Za-z0-9._-]+", "_", self.source_file.rsplit(".", 1)[0])
+        # A readable stem plus a digest of the whole relative path, so that a.png, a.jpg and
+        # folders whose names only differ in punctuation never share an output name.
+        stem = re.sub(r"[^A-Za-z0-9_-]+", "_", self.source_file.rsplit(".", 1)[0])
+        return f"{stem}-{hashlib.sha256(self.source_file.encode()).hexdigest()[:8]}"
 
 
 def _slice_samples(

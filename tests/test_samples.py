@@ -81,3 +81,12 @@ def test_csv_candidates_errors(tmp_path, text, message):
     labels.write_text(text)
     with pytest.raises(UserError, match=message):
         csv_candidates(labels, tmp_path, [])
+
+
+def test_keys_of_image_files_are_unique(tmp_path):
+    """Files that differ only in suffix or folder get different output names."""
+    files = _touch(tmp_path, "cancer/P1/a.png", "cancer/P1/a.jpg", "cancer/P1_a.png")
+    found, _ = folder_candidates(tmp_path, files, lambda p: "P1")
+    keys = [c.key for c in found]
+    assert len(set(keys)) == 3
+    assert all(key.startswith("cancer_P1_a-") for key in keys)
