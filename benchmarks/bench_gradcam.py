@@ -82,7 +82,7 @@ def load_models(args: argparse.Namespace) -> dict:
     """Models to time: from training results, or built with random weights."""
     if args.results is None:
         return {name: contract_model(name, args.image_size) for name in args.models}
-    from lungct.interpret_inputs import load_model, load_results
+    from lungct.interpret.inputs import load_model, load_results
 
     results = load_results(args.results)
     size = int(results["config"]["image_size"])

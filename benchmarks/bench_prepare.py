@@ -30,11 +30,11 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lungct import dicom  # noqa: E402
+from lungct.prepare import dicom  # noqa: E402
 from lungct.fileio import atomic_write_bytes  # noqa: E402
 from lungct.parallel import pool_map  # noqa: E402
-from lungct.render import RenderSettings, encode_png, render  # noqa: E402
-from lungct.samples import Candidate  # noqa: E402
+from lungct.prepare.render import RenderSettings, encode_png, render  # noqa: E402
+from lungct.prepare.candidates import Candidate  # noqa: E402
 from lungct.synthetic import generate_cohort  # noqa: E402
 
 LOG = logging.getLogger("bench_prepare")

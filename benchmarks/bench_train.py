@@ -2,7 +2,7 @@
 """Is the input pipeline the bottleneck? Training images/s from the project's loader vs memory.
 
 Writes a dataset of random PNGs in the output_dataset/ layout to a temporary folder, loads it
-through ``lungct.data`` (uint8 cache, memory-mapped, served by ``ArrayBatches``), and trains
+through ``lungct.train.image_cache`` (uint8 cache, memory-mapped, served by ``ArrayBatches``), and trains
 one model with the project's on-device augmentation, alternating epochs fed by the loader and
 epochs fed by the same images as an in-memory NumPy array (same model, same compiled step,
 same augmentation). Prints JSON: median images/s of each and their ratio (goal: >= 0.90 on a
@@ -66,7 +66,7 @@ def write_random_dataset(folder: Path, n_images: int, image_size: int, seed: int
     """Random 8-bit PNGs and a manifest.csv with every contract column, all in the train split."""
     import cv2
 
-    from lungct.data import MANIFEST_COLUMNS
+    from lungct.train.image_cache import MANIFEST_COLUMNS
 
     rng = np.random.default_rng(seed)
     lines = [",".join(MANIFEST_COLUMNS)]
@@ -100,9 +100,11 @@ def measure(args: argparse.Namespace, dataset_dir: Path) -> dict:
     """Alternate loader-fed and array-fed epochs on one compiled model; return the figures."""
     import keras
 
-    from lungct import backend, data, models
-    from lungct.augment import AugmentationRanges, augmented_model
-    from lungct.trainloop import compile_for_training
+    from lungct import backend
+    from lungct.train import image_cache as data
+    from lungct.train import models
+    from lungct.train.augment import AugmentationRanges, augmented_model
+    from lungct.train.loop import compile_for_training
 
     keras.utils.set_random_seed(args.seed)
     split = data.load_split(dataset_dir, data.read_manifest(dataset_dir), "train")

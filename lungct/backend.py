@@ -102,7 +102,7 @@ def supports_bf16() -> bool:
 def training_jit_compile() -> bool:
     """The ``jit_compile`` value to compile training models with.
 
-    JAX: True (XLA is how JAX runs; the augmentation of lungct.augment is jit-compatible).
+    JAX: True (XLA is how JAX runs; the augmentation of lungct.train.augment is jit-compatible).
     TensorFlow: False (XLA slowed CPU training here, ../shared/MEASURED.md; the project's GPU
     path is JAX).
     """

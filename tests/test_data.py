@@ -1,4 +1,4 @@
-"""Tests for lungct.data: manifest checks, the uint8 cache and its invalidation, batches."""
+"""Tests for lungct.train.image_cache: manifest checks, the uint8 cache and its invalidation, batches."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
-from lungct import data
+from lungct.train import image_cache as data
 from lungct.errors import UserError
 
 

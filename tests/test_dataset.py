@@ -1,4 +1,4 @@
-"""lungct.dataset: patient-level split and balancing."""
+"""lungct.prepare.split: patient-level split and balancing."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from lungct.dataset import _allocate, balance, split_patients
-from lungct.samples import Candidate
+from lungct.prepare.split import _allocate, balance, split_patients
+from lungct.prepare.candidates import Candidate
 
 
 def _cand(patient: str, label: int, index: int, kind: str = "") -> Candidate:

@@ -1,4 +1,4 @@
-"""lungct.dicom: headers, series assembly, HU conversion, windowing, resizing."""
+"""lungct.prepare.dicom: headers, series assembly, HU conversion, windowing, resizing."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from pydicom.data import get_testdata_file
 
-from lungct import dicom
+from lungct.prepare import dicom
 
 
 def test_apply_window_dicom_linear_function():

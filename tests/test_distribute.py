@@ -1,4 +1,4 @@
-"""Tests for lungct.distribute on 2 CPU devices, and for the JAX backend.
+"""Tests for lungct.train.distribute on 2 CPU devices, and for the JAX backend.
 
 Keras picks its backend at import and XLA its device count at start-up, so the JAX checks
 (data-parallel, the compiled training step, augmentation, gradients) share one fresh Python
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from lungct.distribute import FiniteLossCheck, distribution_scope
+from lungct.train.distribute import FiniteLossCheck, distribution_scope
 from lungct.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,7 +51,7 @@ ONE_STEP = """
     import json
     import keras
     import numpy as np
-    from lungct.distribute import distribution_scope
+    from lungct.train.distribute import distribution_scope
 
     def build():
         keras.utils.set_random_seed(0)
@@ -87,11 +87,12 @@ JAX_CHECKS = """
     import json
     import keras
     import numpy as np
-    from lungct import backend, models
-    from lungct.augment import AugmentationRanges, DeviceAugmentation, augmented_model
-    from lungct.data import ArrayBatches
+    from lungct import backend
+    from lungct.train import models
+    from lungct.train.augment import AugmentationRanges, DeviceAugmentation, augmented_model
+    from lungct.train.image_cache import ArrayBatches
     from lungct.errors import UserError
-    from lungct.trainloop import compile_for_training
+    from lungct.train.loop import compile_for_training
 
     try:
         with distribution_scope("data-parallel", 7):

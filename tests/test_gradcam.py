@@ -1,4 +1,4 @@
-"""Tests of lungct.gradcam and lungct.cam_checks (TensorFlow in-process, JAX in a subprocess)."""
+"""Tests of lungct.gradcam and lungct.interpret.cam_checks (TensorFlow in-process, JAX in a subprocess)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from interpret_fixtures import gap_model, make_baseline_model, resnet_like_model, vgg_like_model
 
-from lungct.cam_checks import (
+from lungct.interpret.cam_checks import (
     dilation_radius_px,
     energy_in_masks,
     pointing_game,

@@ -1,4 +1,4 @@
-"""Tests of interpretation.py and lungct.interpret on a tiny fabricated stage-2 run."""
+"""Tests of interpretation.py and lungct.interpret.stage on a tiny fabricated stage-2 run."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import pytest
 from interpret_fixtures import fabricate_run, make_baseline_model, make_dataset, write_results
 
 from interpretation import main
-from lungct.explain import stratified_draw
-from lungct.interpret import QUICK_GRADCAM_MAX, InterpretConfig, _gradcam_max, run
-from lungct.report import OUTPUT_FILES
+from lungct.interpret.gradcam_report import stratified_draw
+from lungct.interpret.stage import QUICK_GRADCAM_MAX, InterpretConfig, _gradcam_max, run
+from lungct.interpret.report import OUTPUT_FILES
 
 DESIGN_KEYS = {"slice_level", "nodule_level", "patient_level", "models", "calibration",
                "gradcam", "metadata_baseline", "weaknesses", "data"}

@@ -1,4 +1,4 @@
-"""Tests for lungct.lidc: LIDC XML readings, reader clustering, label rule, ROI masks."""
+"""Tests for lungct.prepare.lidc: LIDC XML readings, reader clustering, label rule, ROI masks."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lungct.lidc import (
+from lungct.prepare.lidc import (
     Contour,
     LabelRule,
     LidcParseError,

@@ -1,4 +1,4 @@
-"""Tests of lungct.metrics and lungct.metadata_baseline."""
+"""Tests of lungct.metrics and lungct.interpret.baseline."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from lungct.metadata_baseline import fit_diameter_baseline
+from lungct.interpret.baseline import fit_diameter_baseline
 from lungct.metrics import (
     LevelData,
     bootstrap_counts,

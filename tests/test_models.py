@@ -1,4 +1,4 @@
-"""Tests for lungct.models (contract, frozen sets, weights) and lungct.backend (gradients)."""
+"""Tests for lungct.train.models (contract, frozen sets, weights) and lungct.backend (gradients)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import keras
 import numpy as np
 import pytest
 
-from lungct import backend, models
+from lungct import backend
+from lungct.train import models
 from lungct.errors import UserError
 
 

@@ -1,4 +1,4 @@
-"""Tests of lungct.report, lungct.figures and lungct.weakness."""
+"""Tests of lungct.interpret.report, lungct.interpret.figures and lungct.interpret.weakness."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import pandas as pd
 import pytest
 from interpret_fixtures import make_baseline_model, make_dataset, write_results
 
-from lungct.interpret import InterpretConfig, run
-from lungct.report import FIGURE_FILES, SYNTHETIC_BANNER, limitations, render_html, to_jsonable
-from lungct.weakness import analyse_weaknesses
+from lungct.interpret.stage import InterpretConfig, run
+from lungct.interpret.report import FIGURE_FILES, SYNTHETIC_BANNER, limitations, render_html, to_jsonable
+from lungct.interpret.weakness import analyse_weaknesses
 
 
 @pytest.fixture(scope="module")

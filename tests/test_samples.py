@@ -1,4 +1,4 @@
-"""lungct.samples: class folders and the labels CSV."""
+"""lungct.prepare.candidates: class folders and the labels CSV."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from lungct.errors import UserError
-from lungct.samples import class_from_path, csv_candidates, folder_candidates
+from lungct.prepare.candidates import class_from_path, csv_candidates, folder_candidates
 
 
 @pytest.mark.parametrize(

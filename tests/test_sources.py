@@ -1,4 +1,4 @@
-"""Tests for lungct.sources: local folders and archives, Kaggle (faked), synthetic, auto."""
+"""Tests for lungct.prepare.sources: local folders and archives, Kaggle (faked), synthetic, auto."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ from types import SimpleNamespace
 import pytest
 import requests
 
-from lungct import kaggle_source
+from lungct.prepare import kaggle as kaggle_source
 from lungct.errors import UserError
-from lungct.sources import (
+from lungct.prepare.sources import (
     ResolvedSource,
     download_kaggle,
     extract_archive,
@@ -113,7 +113,7 @@ def with_credentials(no_credentials: Path, monkeypatch: pytest.MonkeyPatch) -> P
 
 
 class FakeKaggleApi:
-    """The slice of kaggle 2.x's KaggleApi that lungct.sources uses, over an in-memory dataset."""
+    """The slice of kaggle 2.x's KaggleApi that lungct.prepare.sources uses, over an in-memory dataset."""
 
     def __init__(self, files: dict[str, bytes], error: BaseException | None = None) -> None:
         self.files = files
@@ -206,7 +206,7 @@ def test_rerun_reuses_extraction(tmp_path: Path, caplog: pytest.LogCaptureFixtur
     folder = extract_archive(archive, tmp_path / "extracted")
     written = folder / "top.txt"
     before = (written.stat().st_ino, written.stat().st_mtime_ns)
-    with caplog.at_level(logging.INFO, logger="lungct.archives"):
+    with caplog.at_level(logging.INFO, logger="lungct.prepare.archives"):
         assert extract_archive(archive, tmp_path / "extracted") == folder
     assert (written.stat().st_ino, written.stat().st_mtime_ns) == before
     assert "reusing" in caplog.text
@@ -246,7 +246,7 @@ def test_hostile_tar_entries_are_refused(tmp_path: Path, caplog: pytest.LogCaptu
         add_tar_special(tar, "device", tarfile.CHRTYPE)
         add_tar_special(tar, "pipe", tarfile.FIFOTYPE)
     before = all_paths(tmp_path)
-    with caplog.at_level(logging.WARNING, logger="lungct.archives"):
+    with caplog.at_level(logging.WARNING, logger="lungct.prepare.archives"):
         folder = extract_archive(archive, tmp_path / "extracted")
     refused = dict(read_refused_entries(folder))
     assert set(refused) == {
@@ -514,7 +514,7 @@ def test_limit_that_cannot_apply_downloads_everything(
 ) -> None:
     """When no file names a patient id the whole dataset is used, with a warning."""
     api = install_kaggle(FakeKaggleApi({"images/0001.dcm": b"a", "images/0002.dcm": b"b"}))
-    with caplog.at_level(logging.WARNING, logger="lungct.kaggle_source"):
+    with caplog.at_level(logging.WARNING, logger="lungct.prepare.kaggle"):
         root = download_kaggle(SLUG, tmp_path / "raw", tmp_path / "extracted", max_patients=1)
     assert files_under(root) == {"images/0001.dcm": b"a", "images/0002.dcm": b"b"}
     assert "--max-patients 1 could not be applied" in caplog.text
@@ -637,7 +637,7 @@ def test_auto_falls_back_to_synthetic_with_warning(
     tmp_path: Path, no_credentials: Path, fake_synthetic, caplog: pytest.LogCaptureFixture
 ) -> None:
     """auto without --input or credentials uses the synthetic cohort and says so loudly."""
-    with caplog.at_level(logging.WARNING, logger="lungct.sources"):
+    with caplog.at_level(logging.WARNING, logger="lungct.prepare.sources"):
         result = resolve("auto", tmp_path)
     assert result.kind == "synthetic"
     assert len(fake_synthetic) == 1

@@ -1,4 +1,4 @@
-"""Tests for training_lung_cnn.py, lungct.train, lungct.trainloop and lungct.augment."""
+"""Tests for training_lung_cnn.py, lungct.train.stage, lungct.train.loop and lungct.train.augment."""
 
 from __future__ import annotations
 
@@ -15,9 +15,11 @@ import pytest
 from test_data import write_tiny_dataset
 
 import training_lung_cnn
-from lungct import models, train, trainloop
-from lungct.augment import AugmentationRanges, DeviceAugmentation
-from lungct.train import TrainConfig
+from lungct.train import loop as trainloop
+from lungct.train import models
+from lungct.train import stage as train
+from lungct.train.augment import AugmentationRanges, DeviceAugmentation
+from lungct.train.stage import TrainConfig
 
 CONTRACT_KEYS = {
     "class_names",

@@ -3,7 +3,7 @@ the download (whole dataset or first patients) through the kaggle package, with 
 failure turned into one :class:`~lungct.errors.UserError` naming ``--kaggle-dataset``.
 
 A completed download is marked complete beside its folder (``<folder>.lungct.json``, see
-:mod:`lungct.archives`) and reused without contacting Kaggle.
+:mod:`lungct.prepare.archives`) and reused without contacting Kaggle.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 from tqdm import tqdm
 
-from lungct.archives import (
+from lungct.prepare.archives import (
     _marker_path,
     _read_marker,
     _short,

@@ -22,15 +22,16 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from lungct import __version__, dicom, lidc, sources
-from lungct.dataset import SPLITS, Selection, balance, split_patients
+from lungct import __version__
+from lungct.prepare import dicom, lidc, sources
+from lungct.prepare.split import SPLITS, Selection, balance, split_patients
 from lungct.errors import UserError
 from lungct.fileio import atomic_write_bytes, atomic_write_json
-from lungct.labels import find_candidates
+from lungct.prepare.label_sources import find_candidates
 from lungct.parallel import pool_map
-from lungct.pseudonym import pseudonymise
-from lungct.render import RenderSettings, encode_png, render
-from lungct.samples import (
+from lungct.prepare.pseudonym import pseudonymise
+from lungct.prepare.render import RenderSettings, encode_png, render
+from lungct.prepare.candidates import (
     Candidate,
 )
 

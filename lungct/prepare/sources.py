@@ -4,8 +4,8 @@
 a Kaggle download when credentials exist, and otherwise the built-in synthetic cohort, which
 is announced with a warning because its results say nothing about real patients.
 
-Archive extraction (refusing unsafe entries) lives in :mod:`lungct.archives` and the
-Kaggle download in :mod:`lungct.kaggle_source`; their public names are re-exported here.
+Archive extraction (refusing unsafe entries) lives in :mod:`lungct.prepare.archives` and the
+Kaggle download in :mod:`lungct.prepare.kaggle`; their public names are re-exported here.
 """
 
 from __future__ import annotations
@@ -15,16 +15,16 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from lungct.archives import (
+from lungct.prepare.archives import (
     ARCHIVE_SUFFIXES,
     MAX_EXTRACTED_BYTES,
     archive_suffix,
     extract_archive,
     read_refused_entries,
 )
-from lungct.archives import MARKER_SUFFIX as MARKER_SUFFIX
+from lungct.prepare.archives import MARKER_SUFFIX as MARKER_SUFFIX
 from lungct.errors import UserError
-from lungct.kaggle_source import (
+from lungct.prepare.kaggle import (
     _check_slug,
     download_kaggle,
     kaggle_credentials_present,

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from lungct.dicom import AIR_HU, UnusableFileError, apply_window, read_hu, square_and_resize
-from lungct.samples import IMAGE_SUFFIXES, Candidate
+from lungct.prepare.dicom import AIR_HU, UnusableFileError, apply_window, read_hu, square_and_resize
+from lungct.prepare.candidates import IMAGE_SUFFIXES, Candidate
 
 __all__ = ["RenderSettings", "Rendered", "render", "encode_png", "lung_tissue_centre"]
 
@@ -106,7 +106,7 @@ def _crop(image: np.ndarray, centre_xy: tuple[float, float], side_px: int,
 
 
 def render(candidate: Candidate, settings: RenderSettings) -> Rendered:
-    """Draw one candidate. Raises lungct.dicom.UnusableFileError when its pixels cannot be read."""
+    """Draw one candidate. Raises lungct.prepare.dicom.UnusableFileError when its pixels cannot be read."""
     if candidate.source_path.suffix.lower() in IMAGE_SUFFIXES:
         return _render_image_file(candidate, settings)
     hu, monochrome1 = read_hu(candidate.source_path)

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Sequence
 import cv2
 import numpy as np
 
-from lungct.lidc_xml import Contour, ReaderMark, Readings
+from lungct.prepare.lidc_xml import Contour, ReaderMark, Readings
 
 __all__ = ["Nodule", "cluster_nodules"]
 

@@ -12,7 +12,7 @@ turned into a label by a configurable :class:`LabelRule` and into a consensus RO
 Readings are matched to CT slices by z position (mm), never by ``imageSOP_UID``: some UIDs in
 the XML match no slice. The XML is untrusted input: DTD and entity declarations are refused.
 
-Parsing lives in :mod:`lungct.lidc_xml` and reader clustering in :mod:`lungct.nodules`;
+Parsing lives in :mod:`lungct.prepare.lidc_xml` and reader clustering in :mod:`lungct.prepare.nodules`;
 this module holds the label rule and the masks, and re-exports the public names of both.
 """
 
@@ -27,7 +27,7 @@ from collections.abc import Callable
 import cv2
 import numpy as np
 
-from lungct.lidc_xml import (
+from lungct.prepare.lidc_xml import (
     RATING_RANGES,
     Contour,
     LidcParseError,
@@ -37,7 +37,7 @@ from lungct.lidc_xml import (
     is_lidc_readings_file,
     parse_readings,
 )
-from lungct.nodules import Nodule, cluster_nodules
+from lungct.prepare.nodules import Nodule, cluster_nodules
 
 __all__ = [
     "RATING_RANGES",

@@ -22,11 +22,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from lungct import interpret_inputs as inputs
+from lungct.interpret import inputs
 from lungct.backend import environment
 from lungct.errors import UserError
-from lungct.explain import CamSettings, explain_test_set
-from lungct.metadata_baseline import fit_diameter_baseline
+from lungct.interpret.gradcam_report import CamSettings, explain_test_set
+from lungct.interpret.baseline import fit_diameter_baseline
 from lungct.metrics import (
     LevelData,
     bootstrap_counts,
@@ -37,8 +37,8 @@ from lungct.metrics import (
     summarise,
     youden_threshold,
 )
-from lungct.report import OUTPUT_FILES, FigureInputs, write_report
-from lungct.weakness import analyse_weaknesses
+from lungct.interpret.report import OUTPUT_FILES, FigureInputs, write_report
+from lungct.interpret.weakness import analyse_weaknesses
 
 __all__ = ["METHODS", "QUICK_GRADCAM_MAX", "InterpretConfig", "build_levels", "run"]
 

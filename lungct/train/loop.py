@@ -3,7 +3,7 @@
 A model trains in one to two phases (baseline: from scratch; transfer: frozen backbone, then
 fine-tuning). :class:`PhaseTracker` keeps one history over the phases, writes
 ``runs/<model>/history.csv`` after every epoch and the best-so-far
-``runs/<model>/checkpoint.keras`` after every improvement (atomically; lungct.train removes
+``runs/<model>/checkpoint.keras`` after every improvement (atomically; lungct.train.stage removes
 the checkpoint once the final ``model.keras`` is written), logs an ETA after a phase's first
 epoch, and restores the weights of the best validation AUC at the end of each phase, so a
 phase never leaves the model worse than the one before it.
@@ -22,7 +22,7 @@ import keras
 import numpy as np
 
 from lungct import backend
-from lungct.data import ArrayBatches, SplitData
+from lungct.train.image_cache import ArrayBatches, SplitData
 from lungct.fileio import atomic_path, atomic_write_text
 
 __all__ = [

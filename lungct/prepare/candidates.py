@@ -2,7 +2,7 @@
 
 Three label sources, in order of trust (DESIGN.md section 3): LIDC XML readings, a labels CSV
 given by the user, class-named folders. A candidate records everything the manifest needs;
-rendering it to a PNG is lungct.render's job, choosing among candidates lungct.dataset's.
+rendering it to a PNG is lungct.prepare.render's job, choosing among candidates lungct.prepare.split's.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from lungct import lidc
-from lungct.dicom import Series
+from lungct.prepare import lidc
+from lungct.prepare.dicom import Series
 from lungct.errors import UserError
 
 __all__ = [

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lungct.samples import Candidate
+from lungct.prepare.candidates import Candidate
 
 __all__ = ["SPLITS", "split_patients", "Selection", "balance"]
 

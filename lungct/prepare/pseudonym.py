@@ -15,7 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from lungct.fileio import atomic_write_text
-from lungct.samples import Candidate
+from lungct.prepare.candidates import Candidate
 
 __all__ = ["SALT_FILE", "pseudonymise"]
 

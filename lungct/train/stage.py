@@ -27,9 +27,11 @@ import keras
 import numpy as np
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from lungct import backend, data, models
-from lungct.augment import AugmentationRanges, augmented_model
-from lungct.distribute import (
+from lungct import backend
+from lungct.train import image_cache as data
+from lungct.train import models
+from lungct.train.augment import AugmentationRanges, augmented_model
+from lungct.train.distribute import (
     DISTRIBUTE_MODES,
     MIRRORED_NAN_HINT,
     FiniteLossCheck,
@@ -37,7 +39,7 @@ from lungct.distribute import (
 )
 from lungct.errors import UserError
 from lungct.fileio import atomic_path, atomic_write_json
-from lungct.trainloop import CHECKPOINT_FILE, PhaseTracker, fit_phase
+from lungct.train.loop import CHECKPOINT_FILE, PhaseTracker, fit_phase
 
 __all__ = [
     "PRESETS",

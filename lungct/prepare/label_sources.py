@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lungct import dicom, lidc
+from lungct.prepare import dicom, lidc
 from lungct.errors import UserError
 from lungct.parallel import pool_map
-from lungct.samples import (
+from lungct.prepare.candidates import (
     IMAGE_SUFFIXES,
     Candidate,
     csv_candidates,
@@ -27,7 +27,7 @@ from lungct.samples import (
 )
 
 if TYPE_CHECKING:
-    from lungct.prepare import PrepareConfig
+    from lungct.prepare.stage import PrepareConfig
 
 __all__ = ["Found", "find_candidates"]
 

@@ -17,16 +17,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from lungct.cam_checks import (
+from lungct.interpret.cam_checks import (
     randomised_weights,
     rank_correlations,
     summarise_localisation,
     top_block_layers,
 )
 from lungct.errors import UserError
-from lungct.figures import GALLERY_CATEGORIES, write_overlay
+from lungct.interpret.figures import GALLERY_CATEGORIES, write_overlay
 from lungct.gradcam import GradCam
-from lungct.interpret_inputs import load_images, load_masks
+from lungct.interpret.inputs import load_images, load_masks
 
 __all__ = [
     "MIN_RESOLUTION_PX",

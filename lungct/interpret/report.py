@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from lungct import figures
+from lungct.interpret import figures
 from lungct.fileio import atomic_write_json, atomic_write_text
 from lungct.metrics import LevelData
 
