@@ -4,12 +4,15 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test deps lint check-install bench clean
 
-$(STAMP): requirements.txt requirements-dev.txt constraints.txt
+# Pinned dependencies first, then lungct itself, editable (built offline by the venv's setuptools).
+$(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt -r requirements-dev.txt -c constraints.txt
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e . >$(VENV)/editable.log 2>&1 \
+		|| { cat $(VENV)/editable.log; exit 1; }
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -22,11 +25,38 @@ demo: setup
 	$(PY) training_lung_cnn.py
 	$(PY) interpretation.py
 
+# deptry and import-linter first (seconds; output only on failure), then the tests.
 test: setup
+	@out=$$($(VENV)/bin/deptry lungct 2>&1) || { echo "$$out"; exit 1; }
+	@out=$$($(VENV)/bin/lint-imports 2>&1) || { echo "$$out"; exit 1; }
 	$(PY) -m pytest -q
+
+# Imports of lungct against pyproject.toml's dependencies and extras ([tool.deptry]).
+deps: setup
+	$(VENV)/bin/deptry lungct
 
 lint: setup
 	$(PY) -m ruff check lungct tests benchmarks *.py
+	$(VENV)/bin/lint-imports
+
+# The wheel as a user gets it: built from a copy of the package (no stale build/ in the checkout),
+# installed with its dependencies and the tensorflow extra into a fresh venv (pinned by
+# constraints.txt; downloads from PyPI or the pip cache), then run from outside the checkout.
+check-install: setup
+	@set -e; start=$$(date +%s); tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	log="$$tmp/log"; run() { "$$@" >>"$$log" 2>&1 || { cat "$$log"; echo "check-install: failed: $$*"; exit 1; }; }; \
+	mkdir "$$tmp/src"; cp -R lungct pyproject.toml README.md LICENSE "$$tmp/src/"; \
+	find "$$tmp/src" -name __pycache__ -prune -exec rm -rf {} +; \
+	run $(PY) -m build --wheel --no-isolation --outdir "$$tmp/dist" "$$tmp/src"; \
+	wheel=$$(ls "$$tmp"/dist/lungct-*.whl); \
+	run $(PYTHON) -m venv --without-pip "$$tmp/venv"; \
+	run $(PY) -m pip --python "$$tmp/venv/bin/python" install --disable-pip-version-check \
+		-c constraints.txt "$$wheel[tensorflow]"; \
+	cd "$$tmp"; export TF_CPP_MIN_LOG_LEVEL=3; \
+	for stage in prepare train interpret; do run "$$tmp/venv/bin/lungct-$$stage" --help; done; \
+	run "$$tmp/venv/bin/python" -c "import lungct, lungct.prepare.stage, lungct.train.stage, \
+		lungct.interpret.stage; assert '$$tmp/venv/' in lungct.__file__, lungct.__file__"; \
+	echo "check-install: $$(basename "$$wheel") installs and runs ($$(( $$(date +%s) - start )) s)"
 
 # CPU benchmarks; JSON per run in benchmarks/out/, figures copied into benchmarks/RESULTS.md.
 bench: setup
@@ -38,6 +68,7 @@ bench: setup
 	$(PY) benchmarks/bench_gradcam.py --output benchmarks/out/gradcam.json
 
 clean:
+	rm -rf build dist lungct.egg-info
 	rm -rf output_dataset output_dataset.partial raw_synthetic extracted runs reports \
 		benchmarks/out \
 		lung_cancer_cnn_enhanced.h5 lung_cancer_cnn_enhanced.keras training_results.json

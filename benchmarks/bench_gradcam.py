@@ -18,17 +18,14 @@ import json
 import logging
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lungct.cli import add_logging_flags, configure_logging, run_main  # noqa: E402
-from lungct.errors import UserError  # noqa: E402
-from lungct.fileio import atomic_write_json  # noqa: E402
+from lungct.cli import add_logging_flags, configure_logging, run_main
+from lungct.errors import UserError
+from lungct.fileio import atomic_write_json
 
 LOG = logging.getLogger("bench_gradcam")
 MODEL_NAMES = ("baseline", "vgg16", "resnet50")
@@ -82,15 +79,16 @@ def load_models(args: argparse.Namespace) -> dict:
     """Models to time: from training results, or built with random weights."""
     if args.results is None:
         return {name: contract_model(name, args.image_size) for name in args.models}
-    from lungct.interpret.inputs import load_model, load_results
+    from lungct.contract import read_training_results
+    from lungct.modelio import load_classifier
 
-    results = load_results(args.results)
+    results = read_training_results(args.results)
     size = int(results["config"]["image_size"])
     models = {}
     for name, info in results["models"].items():
         path = args.results.parent / info.get("model_path", "")
         if path.is_file():
-            models[name] = load_model(path, size)
+            models[name] = load_classifier(path, size, str(args.results))
         else:
             LOG.warning("skipping %s: %s not found", name, path)
     return models

@@ -19,7 +19,6 @@ import os
 import platform
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,14 +27,12 @@ import numpy as np
 import pydicom
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lungct.prepare import dicom  # noqa: E402
-from lungct.fileio import atomic_write_bytes  # noqa: E402
-from lungct.parallel import pool_map  # noqa: E402
-from lungct.prepare.render import RenderSettings, encode_png, render  # noqa: E402
-from lungct.prepare.candidates import Candidate  # noqa: E402
-from lungct.synthetic import generate_cohort  # noqa: E402
+from lungct.fileio import atomic_write_bytes
+from lungct.parallel import pool_map
+from lungct.prepare import dicom
+from lungct.prepare.candidates import Candidate
+from lungct.prepare.render import RenderSettings, encode_png, render
+from lungct.synthetic import generate_cohort
 
 LOG = logging.getLogger("bench_prepare")
 

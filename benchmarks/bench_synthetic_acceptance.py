@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
@@ -34,12 +33,10 @@ from sklearn.model_selection import StratifiedGroupKFold, cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lungct import synthetic  # noqa: E402
-from lungct.cli import add_logging_flags, configure_logging, run_main  # noqa: E402
-from lungct.errors import UserError  # noqa: E402
-from lungct.fileio import atomic_write_json  # noqa: E402
+from lungct import synthetic
+from lungct.cli import add_logging_flags, configure_logging, run_main
+from lungct.errors import UserError
+from lungct.fileio import atomic_write_json
 
 LOG = logging.getLogger("bench_synthetic_acceptance")
 

@@ -25,10 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lungct.cli import add_logging_flags, configure_logging, run_main  # noqa: E402
-from lungct.fileio import atomic_write_json  # noqa: E402
+from lungct.cli import add_logging_flags, configure_logging, run_main
+from lungct.fileio import atomic_write_json
 
 LOG = logging.getLogger("bench_train")
 
@@ -66,27 +64,22 @@ def write_random_dataset(folder: Path, n_images: int, image_size: int, seed: int
     """Random 8-bit PNGs and a manifest.csv with every contract column, all in the train split."""
     import cv2
 
-    from lungct.train.image_cache import MANIFEST_COLUMNS
+    from lungct import contract
 
     rng = np.random.default_rng(seed)
-    lines = [",".join(MANIFEST_COLUMNS)]
+    rows = []
     for index in range(n_images):
         label = index % 2
-        class_name = "cancer" if label else "non_cancer"
+        class_name = contract.CLASS_NAMES[label]
         (folder / class_name).mkdir(parents=True, exist_ok=True)
         relative = f"{class_name}/{index:05d}.png"
         cv2.imwrite(
             str(folder / relative), rng.integers(0, 256, (image_size, image_size), dtype=np.uint8)
         )
-        values = {
-            "path": relative,
-            "label": str(label),
-            "class_name": class_name,
-            "split": "train",
-            "patient_id": f"P{index:05d}",
-        }
-        lines.append(",".join(values.get(column, "") for column in MANIFEST_COLUMNS))
-    (folder / "manifest.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        rows.append({column: "" for column in contract.MANIFEST_COLUMNS} | {
+            "path": relative, "label": label, "class_name": class_name, "split": "train",
+            "patient_id": f"P{index:05d}"})
+    contract.write_manifest(folder, rows)
 
 
 def timed_epoch(model, *fit_args, **fit_kwargs) -> float:
@@ -100,14 +93,15 @@ def measure(args: argparse.Namespace, dataset_dir: Path) -> dict:
     """Alternate loader-fed and array-fed epochs on one compiled model; return the figures."""
     import keras
 
-    from lungct import backend
+    from lungct import backend, contract
     from lungct.train import image_cache as data
     from lungct.train import models
     from lungct.train.augment import AugmentationRanges, augmented_model
+    from lungct.train.batches import ArrayBatches
     from lungct.train.loop import compile_for_training
 
     keras.utils.set_random_seed(args.seed)
-    split = data.load_split(dataset_dir, data.read_manifest(dataset_dir), "train")
+    split = data.load_split(dataset_dir, contract.read_manifest(dataset_dir), "train")
     in_memory = np.array(split.images)
     labels = split.labels.astype(np.float32).reshape(-1, 1)
     weights = np.ones(len(labels), dtype=np.float32)
@@ -116,7 +110,7 @@ def measure(args: argparse.Namespace, dataset_dir: Path) -> dict:
         classifier, None if args.no_augment else AugmentationRanges(), args.seed
     )
     compile_for_training(model, 1e-3)
-    loader = data.ArrayBatches(
+    loader = ArrayBatches(
         split.images,
         split.labels,
         args.batch_size,

@@ -103,7 +103,7 @@ def training_jit_compile() -> bool:
     """The ``jit_compile`` value to compile training models with.
 
     JAX: True (XLA is how JAX runs; the augmentation of lungct.train.augment is jit-compatible).
-    TensorFlow: False (XLA slowed CPU training here, ../shared/MEASURED.md; the project's GPU
+    TensorFlow: False (XLA slowed CPU training here, docs/measured.md; the project's GPU
     path is JAX).
     """
     return backend_name() == "jax"

@@ -29,9 +29,9 @@ from keras import layers
 from tqdm import tqdm
 
 from lungct.backend import make_logit_and_feature_grads
+from lungct.contract import CAM_METHODS
 
 __all__ = [
-    "METHODS",
     "TARGETS",
     "TargetLayer",
     "CamResult",
@@ -46,7 +46,6 @@ __all__ = [
 
 LOG = logging.getLogger(__name__)
 
-METHODS = ("gradcam", "gradcam++")
 TARGETS = {"positive": 1.0, "negative": -1.0}
 LOGIT_LAYER = "logit"
 BASELINE_LAST_BLOCK = "last_conv"
@@ -209,8 +208,8 @@ def class_activation_maps(features: np.ndarray, gradients: np.ndarray,
         method: ``gradcam`` (weights = spatial mean of the gradients) or ``gradcam++``
             (eq. 19 of Chattopadhay et al. 2018; alpha = 0 where its denominator is 0).
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method not in CAM_METHODS:
+        raise ValueError(f"method must be one of {tuple(CAM_METHODS)}, got {method!r}")
     if features.shape != gradients.shape or features.ndim != 4:
         raise ValueError(f"features {features.shape} and gradients {gradients.shape} must be "
                          "equal 4-D shapes")
@@ -253,8 +252,8 @@ class GradCam:
 
     def __init__(self, model: keras.Model, layer_name: str | None = None,
                  method: str = "gradcam") -> None:
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if method not in CAM_METHODS:
+            raise ValueError(f"method must be one of {tuple(CAM_METHODS)}, got {method!r}")
         self.model = model
         self.method = method
         self.target = resolve_target_layer(model, layer_name)

@@ -33,7 +33,7 @@ __all__ = [
     "calibration_replicates",
     "calibration_bins",
     "wilson_interval",
-    "youden_threshold",
+    "auc",
     "evaluate_level",
     "summarise",
     "paired_auc_difference",
@@ -254,24 +254,12 @@ def wilson_interval(successes: float, total: float, z: float = Z_95) -> tuple[fl
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def youden_threshold(y_true: np.ndarray, y_prob: np.ndarray) -> float | None:
-    """Threshold that maximises Youden's J = sensitivity + specificity - 1.
-
-    Candidates are the observed probabilities (predict positive when p >= t); ties in J go
-    to the highest threshold. None when either class is missing.
-    """
-    y_true = np.asarray(y_true)
-    if len(np.unique(y_true)) < 2:
-        return None
-    candidates = np.unique(y_prob)[::-1]
-    weights = np.ones((1, len(y_true)))
-    best_j, best_t = -np.inf, float(candidates[0])
-    for threshold in candidates:
-        counts = threshold_replicates(y_true, y_prob, float(threshold), weights)
-        j = counts["sensitivity"][0] + counts["specificity"][0] - 1
-        if j > best_j:
-            best_j, best_t = j, float(threshold)
-    return best_t
+def auc(y_true: np.ndarray, y_prob: np.ndarray) -> float | None:
+    """ROC AUC of one set of scores (the kernel of :func:`weighted_auc`); None if undefined."""
+    y_true = np.asarray(y_true, dtype=np.float64)
+    value = weighted_auc(y_true, np.asarray(y_prob, dtype=np.float64),
+                         np.ones((1, len(y_true))))[0]
+    return float(value) if np.isfinite(value) else None
 
 
 def _class_reason(level: LevelData) -> str:

@@ -73,3 +73,31 @@ def ct_slice(tmp_path: Path):
 
 def read_stored(path: Path) -> np.ndarray:
     return pydicom.dcmread(path).pixel_array
+
+
+@pytest.fixture(scope="session")
+def pipeline(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Prepare, train (baseline, one epoch) and interpret a tiny synthetic cohort, once.
+
+    The three stages run in order through their CLIs, in-process, in one session folder;
+    tests read the outputs and must not change them.
+    """
+    import interpretation
+    import prepare_lung_dataset
+    import training_lung_cnn
+
+    root = tmp_path_factory.mktemp("pipeline")
+    dataset, reports = root / "output_dataset", root / "reports"
+    assert prepare_lung_dataset.main([
+        "--source", "synthetic", "--synthetic-patients", "12", "--synthetic-size", "64",
+        "--view", "patch", "--image-size", "32", "--target-count", "120",
+        "--split", "0.5,0.25,0.25", "--work-dir", str(root), "--output", str(dataset),
+        "--workers", "1", "-q"]) == 0
+    assert training_lung_cnn.main([
+        "--dataset", str(dataset), "--out", str(root), "--models", "baseline",
+        "--preset", "quick", "--epochs", "1", "--batch-size", "8", "-q"]) == 0
+    assert interpretation.main([
+        "--results", str(root / "training_results.json"), "--out", str(reports),
+        "--bootstrap", "50", "-q"]) == 0
+    return {"root": root, "dataset": dataset, "results": root / "training_results.json",
+            "reports": reports}

@@ -8,12 +8,13 @@ model on the dataset and writes training_results.json as training would.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pandas as pd
+
+from lungct import contract
 
 __all__ = [
     "make_dataset", "make_baseline_model", "write_results", "fabricate_run", "gap_model",
@@ -79,11 +80,11 @@ def make_dataset(root: Path, n_patients: int = 24, slices_per_patient: int = 4,
                                                    else "no_finding"),
                 "mm_per_px": 0.7, "mask_path": mask_path, "source_file": f"raw/{p}/{s}.dcm",
             })
-    pd.DataFrame(rows).to_csv(folder / "manifest.csv", index=False)
+    contract.write_manifest(folder, rows)
     info = {"source": source, "label_rule": {"rating": "malignancy", "aggregate": "median",
                                              "cancer_at_least": 4, "non_cancer_at_most": 2},
             "view": "slice", "image_size": size, "seed": seed}
-    (folder / "dataset.json").write_text(json.dumps(info), encoding="utf-8")
+    contract.write_dataset_info(folder, info)
     return folder
 
 
@@ -126,7 +127,7 @@ def write_results(root: Path, dataset: Path, model, preset: str = "full",
     A second entry, ``vgg16``, carries noisier predictions of the same images (no file), so
     the model comparison has two models.
     """
-    manifest = pd.read_csv(dataset / "manifest.csv", dtype={"nodule_id": str})
+    manifest = contract.read_manifest(dataset)
     model_path = root / "runs" / "baseline" / "model.keras"
     model_path.parent.mkdir(parents=True, exist_ok=True)
     model.save(model_path)
@@ -152,14 +153,13 @@ def write_results(root: Path, dataset: Path, model, preset: str = "full",
         },
         "validation": validation, "test": test,
         "config": {"dataset_dir": str(dataset), "image_size": model.input.shape[1],
-                   "preset": preset, "seed": seed},
+                   "preset": preset, "seed": seed,
+                   "gradcam_max_images": 64 if preset == "quick" else 0},
         "environment": {"python": "3.11"}, "dataset": {"source": "synthetic"},
         "model_files": {"h5": "lung_cancer_cnn_enhanced.h5",
                         "keras": "lung_cancer_cnn_enhanced.keras"},
     }
-    path = root / "training_results.json"
-    path.write_text(json.dumps(results), encoding="utf-8")
-    return path
+    return contract.write_training_results(root, results)
 
 
 def fabricate_run(root: Path, size: int = 32, preset: str = "full") -> Path:

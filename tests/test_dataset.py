@@ -6,21 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from lungct.prepare.split import _allocate, balance, split_patients
 from lungct.prepare.candidates import Candidate
+from lungct.prepare.split import balance, split_patients
 
 
 def _cand(patient: str, label: int, index: int, kind: str = "") -> Candidate:
     kind = kind or ("" if label else "no_finding")
     return Candidate(Path(f"/{patient}/{index}.dcm"), f"{patient}/{index}.dcm", patient, label,
                      kind, series_uid=f"1.2.{patient}", slice_z_mm=float(index))
-
-
-def test_allocate_largest_remainder_and_one_each():
-    """Counts sum to n; each split gets one when n >= 3."""
-    assert _allocate(10, (0.7, 0.15, 0.15)) == [7, 2, 1]
-    assert _allocate(3, (0.7, 0.15, 0.15)) == [1, 1, 1]
-    assert _allocate(2, (0.7, 0.15, 0.15)) == [2, 0, 0]
 
 
 def test_split_is_stratified_disjoint_and_deterministic():

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from lungct.train.distribute import FiniteLossCheck, distribution_scope
 from lungct.errors import UserError
+from lungct.train.distribute import FiniteLossCheck, distribution_scope
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -90,7 +90,7 @@ JAX_CHECKS = """
     from lungct import backend
     from lungct.train import models
     from lungct.train.augment import AugmentationRanges, DeviceAugmentation, augmented_model
-    from lungct.train.image_cache import ArrayBatches
+    from lungct.train.batches import ArrayBatches
     from lungct.errors import UserError
     from lungct.train.loop import compile_for_training
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from interpret_fixtures import gap_model, make_baseline_model, resnet_like_model, vgg_like_model
 
+from lungct.gradcam import GradCam, grad_cam, resolve_target_layer
 from lungct.interpret.cam_checks import (
     dilation_radius_px,
     energy_in_masks,
@@ -22,7 +23,6 @@ from lungct.interpret.cam_checks import (
     rank_correlations,
     top_block_layers,
 )
-from lungct.gradcam import GradCam, grad_cam, resolve_target_layer
 
 SIZE = 32
 REPO = Path(__file__).resolve().parents[1]

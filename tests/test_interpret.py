@@ -11,9 +11,9 @@ import pytest
 from interpret_fixtures import fabricate_run, make_baseline_model, make_dataset, write_results
 
 from interpretation import main
-from lungct.interpret.gradcam_report import stratified_draw
-from lungct.interpret.stage import QUICK_GRADCAM_MAX, InterpretConfig, _gradcam_max, run
 from lungct.interpret.report import OUTPUT_FILES
+from lungct.interpret.stage import InterpretConfig, gradcam_max, run
+from lungct.sampling import stratified_draw
 
 DESIGN_KEYS = {"slice_level", "nodule_level", "patient_level", "models", "calibration",
                "gradcam", "metadata_baseline", "weaknesses", "data"}
@@ -72,7 +72,7 @@ def test_cli_writes_every_output(cli_run):
 
 
 def test_report_json_has_design_keys(cli_run):
-    """report.json carries DESIGN.md's keys and each level's metric blocks."""
+    """report.json carries the keys of docs/formats.md and each level's metric blocks."""
     report = json.loads((cli_run[1] / "report.json").read_text())
     assert set(report) >= DESIGN_KEYS
     for level in ("slice_level", "nodule_level", "patient_level"):
@@ -140,7 +140,7 @@ def test_model_that_does_not_match_results(fabricated, tmp_path, capsys):
     """A model whose input size differs from the recorded image_size is refused."""
     path = modified_results(fabricated, tmp_path, lambda r: r["config"].update(image_size=64))
     code, err = run_cli(["--results", str(path)], capsys)
-    assert code == 2 and "the model does not match the results" in err
+    assert code == 2 and "the model does not match the dataset" in err
 
 
 def test_labels_that_disagree_with_manifest(fabricated, tmp_path, capsys):
@@ -173,13 +173,14 @@ def test_bad_gradcam_max_is_an_argument_error(capsys):
     assert done.value.code == 2 and "positive integer or 'all'" in capsys.readouterr().err
 
 
-def test_gradcam_max_defaults_by_preset():
-    """Quick preset caps Grad-CAM at 64 images; full runs all; explicit values win."""
-    assert _gradcam_max(InterpretConfig(), {"config": {"preset": "quick"}}) == QUICK_GRADCAM_MAX
-    assert _gradcam_max(InterpretConfig(), {"config": {"preset": "full"}}) is None
-    assert _gradcam_max(InterpretConfig(gradcam_max="all"), {"config": {"preset": "quick"}}) \
+def test_gradcam_max_defaults_to_the_recorded_cap():
+    """The cap training recorded applies (64 quick, 0 = all); explicit values win."""
+    quick, full = {"config": {"gradcam_max_images": 64}}, {"config": {"gradcam_max_images": 0}}
+    assert gradcam_max(InterpretConfig(), quick) == 64
+    assert gradcam_max(InterpretConfig(), full) is None
+    assert gradcam_max(InterpretConfig(gradcam_max="all"), quick) \
         is None
-    assert _gradcam_max(InterpretConfig(gradcam_max=5), {"config": {"preset": "quick"}}) == 5
+    assert gradcam_max(InterpretConfig(gradcam_max=5), quick) == 5
 
 
 def test_config_rejects_zero_resamples():

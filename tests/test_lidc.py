@@ -8,20 +8,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lungct.prepare.lidc import (
+from lungct.prepare.lidc import LabelRule, consensus_mask, far_from_marks, nodule_slices
+from lungct.prepare.lidc_xml import (
     Contour,
-    LabelRule,
     LidcParseError,
-    Nodule,
     ReaderMark,
     Readings,
-    cluster_nodules,
-    consensus_mask,
-    far_from_marks,
     is_lidc_readings_file,
-    nodule_slices,
     parse_readings,
 )
+from lungct.prepare.nodules import Nodule, cluster_nodules
 
 NIH = "http://www.nih.gov"
 PIXEL_SPACING_MM = 0.7

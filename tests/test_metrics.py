@@ -26,8 +26,8 @@ from lungct.metrics import (
     weighted_auc,
     weighted_average_precision,
     wilson_interval,
-    youden_threshold,
 )
+from lungct.threshold import youden_threshold
 
 
 @pytest.fixture
@@ -188,7 +188,7 @@ def test_wilson_rejects_impossible_counts():
 def test_youden_threshold_picks_best_cut():
     """The cut between the classes maximises J; one class gives None."""
     y = np.array([0, 0, 1, 1])
-    assert youden_threshold(y, np.array([0.1, 0.3, 0.6, 0.8])) == 0.6
+    assert youden_threshold(y, np.array([0.1, 0.3, 0.6, 0.8]))["value"] == 0.6
     assert youden_threshold(np.zeros(3, int), np.array([0.1, 0.2, 0.3])) is None
 
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from lungct import backend
-from lungct.train import models
 from lungct.errors import UserError
+from lungct.train import models
 
 
 @pytest.fixture(scope="module")

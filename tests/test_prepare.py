@@ -13,7 +13,7 @@ import pytest
 from pydicom.data import get_testdata_file
 
 import prepare_lung_dataset
-from lungct.prepare.stage import MANIFEST_COLUMNS
+from lungct.contract import MANIFEST_COLUMNS
 from lungct.synthetic import generate_cohort
 
 SMALL = ["--synthetic-patients", "8", "--synthetic-size", "96", "--workers", "2"]

@@ -12,8 +12,14 @@ import pandas as pd
 import pytest
 from interpret_fixtures import make_baseline_model, make_dataset, write_results
 
+from lungct.interpret.report import (
+    FIGURE_FILES,
+    SYNTHETIC_BANNER,
+    limitations,
+    render_html,
+    to_jsonable,
+)
 from lungct.interpret.stage import InterpretConfig, run
-from lungct.interpret.report import FIGURE_FILES, SYNTHETIC_BANNER, limitations, render_html, to_jsonable
 from lungct.interpret.weakness import analyse_weaknesses
 
 

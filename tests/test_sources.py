@@ -16,17 +16,11 @@ from types import SimpleNamespace
 import pytest
 import requests
 
-from lungct.prepare import kaggle as kaggle_source
 from lungct.errors import UserError
-from lungct.prepare.sources import (
-    ResolvedSource,
-    download_kaggle,
-    extract_archive,
-    kaggle_credentials_present,
-    read_refused_entries,
-    resolve_source,
-    select_patient_files,
-)
+from lungct.prepare import kaggle as kaggle_source
+from lungct.prepare.archives import extract_archive, read_refused_entries
+from lungct.prepare.kaggle import download_kaggle, kaggle_credentials_present, select_patient_files
+from lungct.prepare.sources import ResolvedSource, resolve_source
 
 SLUG = "someone/lidc-mini"
 NESTED = {

@@ -65,7 +65,7 @@ def test_layout_is_classic_lidc(cohort, truth):
 
 
 def test_slices_are_valid_ct_dicom_with_the_listed_tags(cohort, truth):
-    """Every slice is CT Image Storage, Explicit VR LE, with the tags LIDC_FORMAT.md lists."""
+    """Every slice is CT Image Storage, Explicit VR LE, with the tags docs/lidc_format.md lists."""
     patient = truth["patients"][0]
     for index, path in enumerate(_slices(cohort, patient)):
         ds = pydicom.dcmread(path)  # not forced: preamble, DICM prefix and file meta present

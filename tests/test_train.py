@@ -15,11 +15,13 @@ import pytest
 from test_data import write_tiny_dataset
 
 import training_lung_cnn
+from lungct.errors import UserError
+from lungct.threshold import youden_threshold
 from lungct.train import loop as trainloop
-from lungct.train import models
+from lungct.train import models, phases
 from lungct.train import stage as train
 from lungct.train.augment import AugmentationRanges, DeviceAugmentation
-from lungct.train.stage import TrainConfig
+from lungct.train.config import TrainConfig, resolve_config
 
 CONTRACT_KEYS = {
     "class_names",
@@ -133,7 +135,7 @@ def test_results_record_configuration_and_environment(cli_run: tuple[Path, Path,
     assert config["dataset_dir"] == str(dataset.resolve())
     assert results["environment"]["backend"] == keras.backend.backend()
     assert results["environment"]["devices"]
-    assert results["dataset"] == {"source": "synthetic", "image_size": 32}
+    assert results["dataset"] == {"schema_version": 1, "source": "synthetic", "image_size": 32}
 
 
 def test_history_csv_has_one_row_per_epoch(cli_run: tuple[Path, Path, dict]) -> None:
@@ -295,7 +297,7 @@ def test_too_many_fine_tune_layers_is_a_user_error(
         progress="none",
     )
     with pytest.raises(
-        train.UserError, match=r"--fine-tune-layers 5 is more than vgg16 allows \(4\)"
+        UserError, match=r"--fine-tune-layers 5 is more than vgg16 allows \(4\)"
     ):
         train.run(config)
 
@@ -307,7 +309,7 @@ def test_transfer_models_below_32_px_are_a_user_error(tmp_path: Path) -> None:
         dataset_dir=dataset, out_dir=tmp_path / "out", train_size=16, progress="none"
     )
     with pytest.raises(
-        train.UserError, match="vgg16, resnet50 need --train-size 32 or more, got 16"
+        UserError, match="vgg16, resnet50 need --train-size 32 or more, got 16"
     ):
         train.run(config)
 
@@ -392,7 +394,7 @@ def test_out_of_memory_exits_naming_the_batch_size(
     def exhausted(*args, **kwargs):
         raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate")
 
-    monkeypatch.setattr(train, "fit_phase", exhausted)
+    monkeypatch.setattr(phases, "fit_phase", exhausted)
     code, err = _main_error(_cli_args(cli_run[0], tmp_path / "out"), capsys)
     assert code == 2
     assert "out of memory training baseline at --batch-size 8; lower --batch-size" in err
@@ -400,7 +402,7 @@ def test_out_of_memory_exits_naming_the_batch_size(
 
 def test_youden_threshold_separates_perfectly_ranked_scores() -> None:
     """With perfect ranking J = 1 at the lowest cancer score, called positive with >=."""
-    threshold = train.youden_threshold(np.array([0, 0, 1, 1]), np.array([0.1, 0.2, 0.7, 0.9]))
+    threshold = youden_threshold(np.array([0, 0, 1, 1]), np.array([0.1, 0.2, 0.7, 0.9]))
     assert threshold["value"] == pytest.approx(0.7)
     assert (threshold["youden_j"], threshold["sensitivity"], threshold["specificity"]) == (
         1.0,
@@ -411,14 +413,13 @@ def test_youden_threshold_separates_perfectly_ranked_scores() -> None:
 
 
 def test_youden_threshold_needs_both_classes() -> None:
-    """A one-class validation split has no ROC curve."""
-    with pytest.raises(ValueError, match="needs both classes"):
-        train.youden_threshold(np.array([1, 1]), np.array([0.2, 0.8]))
+    """A one-class validation split has no ROC curve: no threshold."""
+    assert youden_threshold(np.array([1, 1]), np.array([0.2, 0.8])) is None
 
 
 def test_auto_preset_is_quick_on_a_cpu_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
     """On a CPU, auto resolves to quick (<= 64 px, 600 images); explicit flags win."""
-    resolved = train.resolve_config(TrainConfig(epochs=3), image_size=128, accelerator="cpu")
+    resolved = resolve_config(TrainConfig(epochs=3), image_size=128, accelerator="cpu")
     assert (resolved.preset, resolved.train_size, resolved.max_train_images) == ("quick", 64, 600)
     assert (resolved.epochs, resolved.frozen_epochs, resolved.fine_tune_epochs) == (3, 2, 1)
     assert "no GPU: --preset auto uses the quick preset" in caplog.text
@@ -426,7 +427,7 @@ def test_auto_preset_is_quick_on_a_cpu_with_a_warning(caplog: pytest.LogCaptureF
 
 def test_auto_preset_is_full_on_a_gpu() -> None:
     """On a GPU, auto resolves to the seed's settings: 224 px, 15 epochs, batch 32."""
-    resolved = train.resolve_config(TrainConfig(), image_size=512, accelerator="gpu")
+    resolved = resolve_config(TrainConfig(), image_size=512, accelerator="gpu")
     assert (resolved.preset, resolved.train_size, resolved.epochs, resolved.batch_size) == (
         "full",
         224,
@@ -434,15 +435,28 @@ def test_auto_preset_is_full_on_a_gpu() -> None:
         32,
     )
     assert resolved.cached_features is False
+    assert dict(resolved.fine_tune_layers_by_model) == {"vgg16": 8, "resnet50": 32}
+    assert resolved.gradcam_max_images == 0
+
+
+def test_preset_is_applied_once_and_flags_win() -> None:
+    """The preset fills fine-tune layers per backbone unless --fine-tune-layers is given."""
+    quick = resolve_config(TrainConfig(), image_size=64, accelerator="cpu")
+    assert dict(quick.fine_tune_layers_by_model) == {"vgg16": 4, "resnet50": 10}
+    assert quick.gradcam_max_images == 64
+    given = resolve_config(TrainConfig(fine_tune_layers=3, models=("baseline", "vgg16")),
+                           image_size=64, accelerator="cpu")
+    assert dict(given.fine_tune_layers_by_model) == {"vgg16": 3}
+    assert given.fine_tune_layer_count("vgg16") == 3
 
 
 def test_bad_flag_values_are_user_errors() -> None:
     """Numbers below their minimum and unknown modes are refused with the flag name."""
-    with pytest.raises(train.UserError, match="--batch-size must be at least 1, got 0"):
+    with pytest.raises(UserError, match="--batch-size must be at least 1, got 0"):
         TrainConfig(batch_size=0)
-    with pytest.raises(train.UserError, match="--distribute 'ring' is not one of"):
+    with pytest.raises(UserError, match="--distribute 'ring' is not one of"):
         TrainConfig(distribute="ring")
-    with pytest.raises(train.UserError, match="are both 0: nothing to train"):
+    with pytest.raises(UserError, match="are both 0: nothing to train"):
         TrainConfig(frozen_epochs=0, fine_tune_epochs=0)
 
 

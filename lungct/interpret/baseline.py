@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn.linear_model import LogisticRegression
 
-from lungct.metrics import youden_threshold
+from lungct.threshold import youden_threshold
 
 __all__ = ["DiameterBaseline", "fit_diameter_baseline"]
 
@@ -79,9 +79,10 @@ def fit_diameter_baseline(
     intercept = float(fitted.intercept_[0]) - coefficient * mean
     partial = DiameterBaseline(coefficient, intercept, None, len(train_labels),
                                len(validation_labels))
-    threshold = (youden_threshold(np.asarray(validation_labels),
-                                  partial.predict(validation_diameter_mm))
-                 if len(validation_labels) else None)
+    chosen = (youden_threshold(np.asarray(validation_labels),
+                               partial.predict(validation_diameter_mm))
+              if len(validation_labels) else None)
+    threshold = chosen["value"] if chosen else None
     if threshold is not None and not math.isfinite(threshold):
         threshold = None
     return DiameterBaseline(coefficient, intercept, threshold, len(train_labels),

@@ -14,6 +14,7 @@ import argparse
 from pathlib import Path
 
 from lungct.cli import add_logging_flags, configure_logging, run_main
+from lungct.contract import CAM_METHODS
 from lungct.errors import UserError
 
 __all__ = ["build_parser", "main"]
@@ -61,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=None,
                         help="seed of the bootstrap and the Grad-CAM draw "
                              "(default: the training seed)")
-    parser.add_argument("--cam", choices=("gradcam", "gradcam++"), default="gradcam",
+    parser.add_argument("--cam", choices=tuple(CAM_METHODS), default="gradcam",
                         help="saliency method (default: %(default)s)")
     parser.add_argument("--gradcam-max", type=_gradcam_max, default=None, metavar="N|all",
                         help="explain at most N masked test images, a seeded draw stratified "

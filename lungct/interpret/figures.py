@@ -17,11 +17,11 @@ import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
 from sklearn.metrics import precision_recall_curve, roc_curve  # noqa: E402
 
 from lungct.fileio import atomic_path  # noqa: E402
+from lungct.interpret.weakness import OUTCOMES  # noqa: E402
 from lungct.metrics import LevelData  # noqa: E402
 
 __all__ = [
     "LEVEL_TITLES",
-    "GALLERY_CATEGORIES",
     "plot_confusion_matrices",
     "plot_roc_curves",
     "plot_pr_curves",
@@ -32,7 +32,6 @@ __all__ = [
 ]
 
 LEVEL_TITLES = {"slice_level": "slice", "nodule_level": "nodule", "patient_level": "patient"}
-GALLERY_CATEGORIES = ("true_positive", "false_positive", "false_negative", "true_negative")
 DPI = 110
 CONTOUR_BGR = (0, 255, 0)
 OVERLAY_MIN_SIDE_PX = 256
@@ -235,7 +234,7 @@ def plot_gallery(entries: dict[str, list[dict]], layer: str, path: Path,
     axes.
 
     Args:
-        entries: per GALLERY_CATEGORIES name, dicts with ``image``, ``map``, ``mask``
+        entries: per OUTCOMES name, dicts with ``image``, ``map``, ``mask``
             (or None), ``y_prob`` and ``path``.
         layer: explained layer, for the title.
         path: output PNG.
@@ -244,7 +243,7 @@ def plot_gallery(entries: dict[str, list[dict]], layer: str, path: Path,
     per_row = max([len(v) for v in entries.values()] + [1])
     gap_px, label_px = 8, 22
     rows = []
-    for category in GALLERY_CATEGORIES:
+    for category in OUTCOMES:
         examples = entries.get(category, [])
         tiles = [_tile(examples[i] if i < len(examples) else None, tile_px)
                  for i in range(per_row)]
@@ -257,7 +256,7 @@ def plot_gallery(entries: dict[str, list[dict]], layer: str, path: Path,
     axis.imshow(mosaic)
     axis.set_axis_off()
     row_height = tile_px + label_px
-    for r, category in enumerate(GALLERY_CATEGORIES):
+    for r, category in enumerate(OUTCOMES):
         examples = entries.get(category, [])
         if not examples:
             axis.text(4, r * row_height + label_px - 6, f"{category.replace('_', ' ')}: none "

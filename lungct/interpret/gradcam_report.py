@@ -17,23 +17,24 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from lungct.contract import CAM_METHODS
+from lungct.errors import UserError
+from lungct.gradcam import GradCam
 from lungct.interpret.cam_checks import (
     randomised_weights,
     rank_correlations,
     summarise_localisation,
     top_block_layers,
 )
-from lungct.errors import UserError
-from lungct.interpret.figures import GALLERY_CATEGORIES, write_overlay
-from lungct.gradcam import GradCam
+from lungct.interpret.figures import write_overlay
 from lungct.interpret.inputs import load_images, load_masks
+from lungct.interpret.weakness import OUTCOMES, confident_examples
+from lungct.sampling import stratified_draw
 
 __all__ = [
     "MIN_RESOLUTION_PX",
     "RANDOMISATION_LIMIT",
     "CamSettings",
-    "stratified_draw",
-    "gallery_rows",
     "explain_test_set",
 ]
 
@@ -41,12 +42,7 @@ LOG = logging.getLogger(__name__)
 
 MIN_RESOLUTION_PX = 7
 RANDOMISATION_LIMIT = 0.5
-GALLERY_PER_CATEGORY = 3
 PROBABILITY_TOLERANCE = 0.02
-METHOD_NAMES = {
-    "gradcam": "Grad-CAM (Selvaraju et al. 2017)",
-    "gradcam++": "Grad-CAM++ (Chattopadhay et al. 2018, eq. 19)",
-}
 
 
 @dataclass(frozen=True)
@@ -58,47 +54,6 @@ class CamSettings:
     max_images: int | None
     batch_size: int
     seed: int
-
-
-def stratified_draw(labels: np.ndarray, max_count: int | None, seed: int) -> np.ndarray:
-    """Indices of a seeded draw of up to ``max_count`` items, stratified by label.
-
-    Each class gets its share of ``max_count`` rounded by largest remainder; None or a count
-    at least len(labels) keeps every item. Returned sorted.
-    """
-    if max_count is not None and max_count < 0:
-        raise ValueError(f"max_count must be >= 0, got {max_count}")
-    if max_count is None or max_count >= len(labels):
-        return np.arange(len(labels))
-    rng = np.random.default_rng(seed)
-    classes, sizes = np.unique(labels, return_counts=True)
-    exact = max_count * sizes / len(labels)
-    quota = np.floor(exact).astype(int)
-    for index in np.argsort(-(exact - quota), kind="stable")[: max_count - quota.sum()]:
-        quota[index] += 1
-    chosen = [rng.permutation(np.flatnonzero(labels == c))[:q]
-              for c, q in zip(classes, quota, strict=True)]
-    return np.sort(np.concatenate(chosen))
-
-
-def gallery_rows(frame: pd.DataFrame, per_category: int = GALLERY_PER_CATEGORY
-                 ) -> dict[str, list[int]]:
-    """Row positions of the most confident example of each outcome (errors first by
-    confidence: false negatives with the lowest, false positives with the highest score)."""
-    outcome = {
-        "true_positive": ((frame["y_true"] == 1) & frame["y_pred"], False),
-        "false_positive": ((frame["y_true"] == 0) & frame["y_pred"], False),
-        "false_negative": ((frame["y_true"] == 1) & ~frame["y_pred"], True),
-        "true_negative": ((frame["y_true"] == 0) & ~frame["y_pred"], True),
-    }
-    rows = {}
-    for category, (members, ascending) in outcome.items():
-        positions = np.flatnonzero(members.to_numpy())
-        order = np.argsort(frame["y_prob"].to_numpy()[positions], kind="stable")
-        if not ascending:
-            order = order[::-1]
-        rows[category] = positions[order[:per_category]].tolist()
-    return rows
 
 
 def _overlay_name(path: str) -> str:
@@ -179,7 +134,7 @@ def explain_test_set(model: object, frame: pd.DataFrame, dataset_dir: Path, out_
     masked = np.flatnonzero((frame["mask_path"] != "").to_numpy())
     localisation_rows = masked[stratified_draw(frame["y_true"].to_numpy()[masked],
                                                settings.max_images, settings.seed)]
-    gallery = gallery_rows(frame)
+    gallery = confident_examples(frame)
     rows = np.unique(np.concatenate([localisation_rows,
                                      np.asarray(sum(gallery.values(), []), dtype=int)]))
     subset = frame.iloc[rows].reset_index(drop=True)
@@ -189,7 +144,7 @@ def explain_test_set(model: object, frame: pd.DataFrame, dataset_dir: Path, out_
     result = cam.explain(images, batch_size=settings.batch_size, progress=True)
     in_localisation = np.isin(rows, localisation_rows)
     block = {
-        "method": settings.method, "method_name": METHOD_NAMES[settings.method],
+        "method": settings.method, "method_name": CAM_METHODS[settings.method],
         "target": "positive (the cancer logit, before the sigmoid)",
         "layer": cam.layer_name, **_resolution_block(cam),
         "n_images": int(in_localisation.sum()), "n_masked_test_images": int(len(masked)),
@@ -214,7 +169,7 @@ def explain_test_set(model: object, frame: pd.DataFrame, dataset_dir: Path, out_
                            "image": images[position[r]], "map": result.maps[position[r]],
                            "mask": masks[position[r]] if frame["mask_path"].iloc[r] else None}
                           for r in gallery[category]]
-               for category in GALLERY_CATEGORIES}
+               for category in OUTCOMES}
     return block, entries
 
 

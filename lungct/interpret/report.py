@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from lungct.interpret import figures
 from lungct.fileio import atomic_write_json, atomic_write_text
+from lungct.interpret import figures
 from lungct.metrics import LevelData
 
 __all__ = ["OUTPUT_FILES", "FigureInputs", "to_jsonable", "limitations", "render_html",

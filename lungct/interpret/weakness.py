@@ -11,11 +11,13 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-__all__ = ["DIAMETER_BINS_MM", "error_table", "analyse_weaknesses", "failure_cases"]
+__all__ = ["DIAMETER_BINS_MM", "OUTCOMES", "error_table", "analyse_weaknesses",
+           "confident_examples", "failure_cases"]
 
 DIAMETER_BINS_MM = (0.0, 6.0, 10.0, 20.0, np.inf)
 TOP_PATIENTS = 5
-GALLERY_PER_KIND = 3
+EXAMPLES_PER_OUTCOME = 3
+OUTCOMES = ("true_positive", "false_positive", "false_negative", "true_negative")
 
 
 def _diameter_labels() -> list[str]:
@@ -84,15 +86,34 @@ def _extremes_sentence(kind: str, factor: str, table: list[dict]) -> str | None:
             f"({low['rate']:.0%}).")
 
 
-def failure_cases(frame: pd.DataFrame, per_kind: int = GALLERY_PER_KIND) -> list[dict]:
+def confident_examples(frame: pd.DataFrame, per_outcome: int = EXAMPLES_PER_OUTCOME
+                       ) -> dict[str, list[int]]:
+    """Row positions of the most confident examples of each outcome, in OUTCOMES order.
+
+    True and false positives with the highest probability of cancer first, false and true
+    negatives with the lowest; equal probabilities keep the frame's order. The report's error
+    table and the Grad-CAM gallery both use this one selection.
+    """
+    truth, called = frame["y_true"].to_numpy() == 1, frame["y_pred"].to_numpy(dtype=bool)
+    members = {"true_positive": truth & called, "false_positive": ~truth & called,
+               "false_negative": truth & ~called, "true_negative": ~truth & ~called}
+    probability = frame["y_prob"].to_numpy(dtype=np.float64)
+    rows = {}
+    for outcome in OUTCOMES:
+        positions = np.flatnonzero(members[outcome])
+        score = probability[positions]
+        key = -score if outcome in ("true_positive", "false_positive") else score
+        rows[outcome] = positions[np.lexsort((positions, key))[:per_outcome]].tolist()
+    return rows
+
+
+def failure_cases(frame: pd.DataFrame) -> list[dict]:
     """The most confident errors: false negatives with the lowest and false positives with
-    the highest probability of cancer."""
-    missed = frame[(frame["y_true"] == 1) & ~frame["y_pred"]].nsmallest(per_kind, "y_prob")
-    false_alarms = frame[(frame["y_true"] == 0) & frame["y_pred"]].nlargest(per_kind, "y_prob")
-    return ([{"path": p, "kind": "false_negative", "y_prob": float(s)}
-             for p, s in zip(missed["path"], missed["y_prob"], strict=True)]
-            + [{"path": p, "kind": "false_positive", "y_prob": float(s)}
-               for p, s in zip(false_alarms["path"], false_alarms["y_prob"], strict=True)])
+    the highest probability of cancer (the gallery's error rows)."""
+    examples = confident_examples(frame)
+    return [{"path": str(frame["path"].iloc[row]), "kind": kind,
+             "y_prob": float(frame["y_prob"].iloc[row])}
+            for kind in ("false_negative", "false_positive") for row in examples[kind]]
 
 
 def _patients_with_most_errors(frame: pd.DataFrame) -> list[dict]:

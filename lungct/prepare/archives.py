@@ -37,7 +37,10 @@ __all__ = [
     "MARKER_SUFFIX",
     "MAX_EXTRACTED_BYTES",
     "archive_suffix",
+    "describe_error",
     "extract_archive",
+    "marker_path",
+    "read_marker",
     "read_refused_entries",
 ]
 
@@ -64,14 +67,15 @@ _NAME_CONFLICT_ERRORS = (FileExistsError, IsADirectoryError, NotADirectoryError)
 # --------------------------------------------------------------------------- bookkeeping
 
 
-def _marker_path(folder: Path) -> Path:
+def marker_path(folder: Path) -> Path:
+    """The bookkeeping file beside ``folder``: ``<folder>.lungct.json``."""
     return folder.with_name(folder.name + MARKER_SUFFIX)
 
 
-def _read_marker(folder: Path) -> dict[str, Any]:
+def read_marker(folder: Path) -> dict[str, Any]:
     """The completeness record of ``folder``; empty if absent, unreadable or the folder is gone."""
     try:
-        record = json.loads(_marker_path(folder).read_text(encoding="utf-8"))
+        record = json.loads(marker_path(folder).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
     return record if isinstance(record, dict) and folder.is_dir() else {}
@@ -83,7 +87,7 @@ def read_refused_entries(folder: Path) -> list[tuple[str, str]]:
     Empty for a folder that no archive produced. The prepare stage lists them in skipped.csv
     with the reason ``unsafe archive entry: <reason>``.
     """
-    entries = _read_marker(folder).get("refused_entries", [])
+    entries = read_marker(folder).get("refused_entries", [])
     return [(str(name), str(reason)) for name, reason in entries]
 
 
@@ -131,11 +135,11 @@ def extract_archive(
     target = extract_root / stem
     status = archive.stat()
     identity = {"name": archive.name, "size_bytes": status.st_size, "mtime_ns": status.st_mtime_ns}
-    if _read_marker(target).get("archive") == identity:
+    if read_marker(target).get("archive") == identity:
         LOG.info("reusing %s, extracted earlier from %s", target, archive)
         return target
     partial = target.with_name(f".{stem}.partial")
-    _marker_path(target).unlink(missing_ok=True)
+    marker_path(target).unlink(missing_ok=True)
     for stale in (target, partial):
         if stale.is_dir() and not stale.is_symlink():
             LOG.info("removing incomplete or outdated extraction %s", stale)
@@ -151,7 +155,7 @@ def extract_archive(
         raise
     os.replace(partial, target)
     atomic_write_json(
-        _marker_path(target),
+        marker_path(target),
         {"archive": identity, "refused_entries": [list(entry) for entry in refused]},
     )
     return target
@@ -163,7 +167,7 @@ def _extract_members(archive: Path, dest: Path, max_total_bytes: int) -> list[tu
             return _extract_zip(archive, dest, max_total_bytes)
         return _extract_tar(archive, dest, max_total_bytes)
     except _CORRUPT_ARCHIVE_ERRORS as error:
-        raise UserError(f"archive {archive} is corrupt or unreadable ({_short(error)})") from error
+        raise UserError(f"archive {archive} is corrupt or unreadable ({describe_error(error)})") from error
 
 
 def _relative_parts(name: str) -> list[str]:
@@ -366,6 +370,7 @@ def _format_bytes(n_bytes: int) -> str:
     return f"{n_bytes / 2**30:.1f} GiB" if n_bytes >= 2**30 else f"{n_bytes:,} bytes"
 
 
-def _short(error: BaseException) -> str:
+def describe_error(error: BaseException) -> str:
+    """The first line of an error's message (at most 200 characters), for one-sentence errors."""
     lines = str(error).strip().splitlines()
     return lines[0][:200] if lines else type(error).__name__

@@ -1,6 +1,6 @@
 """Candidate samples: which slices (or images) could enter the dataset, with their labels.
 
-Three label sources, in order of trust (DESIGN.md section 3): LIDC XML readings, a labels CSV
+Three label sources, in order of trust (docs/architecture.md, labels): LIDC XML readings, a labels CSV
 given by the user, class-named folders. A candidate records everything the manifest needs;
 rendering it to a PNG is lungct.prepare.render's job, choosing among candidates lungct.prepare.split's.
 """
@@ -17,9 +17,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from lungct.errors import UserError
 from lungct.prepare import lidc
 from lungct.prepare.dicom import Series
-from lungct.errors import UserError
+from lungct.prepare.lidc_xml import Readings
+from lungct.prepare.nodules import Nodule, cluster_nodules
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -105,14 +107,14 @@ class Candidate:
 
 def _slice_samples(
     series: Series,
-    nodules: list[lidc.Nodule],
+    nodules: list[Nodule],
     rule: lidc.LabelRule,
-) -> dict[int, list[tuple[lidc.Nodule, np.ndarray, int | None]]]:
+) -> dict[int, list[tuple[Nodule, np.ndarray, int | None]]]:
     """Per slice index, the nodules outlined there with their consensus masks and labels."""
     z_mm = series.z_mm
     tolerance_mm = 0.5 * series.slice_spacing_mm
     shape = (series.slices[0].rows, series.slices[0].columns)
-    on_slice: dict[int, list[tuple[lidc.Nodule, np.ndarray, int | None]]] = {}
+    on_slice: dict[int, list[tuple[Nodule, np.ndarray, int | None]]] = {}
     for nodule in nodules:
         label = rule.label(nodule)
         for index in lidc.nodule_slices(nodule, z_mm, tolerance_mm):
@@ -124,7 +126,7 @@ def _slice_samples(
 
 def lidc_candidates(
     series: Series,
-    readings: lidc.Readings,
+    readings: Readings,
     rule: lidc.LabelRule,
     negative_margin_mm: float,
     rel: Callable[[Path], str],
@@ -141,7 +143,7 @@ def lidc_candidates(
         The candidates, a reason for each slice that is not one, and the count of nodules per
         label-rule outcome.
     """
-    nodules = lidc.cluster_nodules(
+    nodules = cluster_nodules(
         readings, series.pixel_spacing_mm, series.slice_spacing_mm
     )
     outcomes: dict[str, int] = {}

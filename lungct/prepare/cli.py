@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> None:
         from lungct.prepare import lidc, sources
-        from lungct.prepare.stage import PrepareConfig, run
+        from lungct.prepare.config import PrepareConfig
+        from lungct.prepare.stage import run
 
         try:
             rule = lidc.LabelRule.parse(args.label_rule) if args.label_rule else lidc.LabelRule()

@@ -179,7 +179,7 @@ def assemble_series(
     """Group slices by (0020,000E) Series Instance UID, sort by z, drop duplicate z positions.
 
     Of two slices at the same z the one with the lower (0020,0013) Instance Number is kept
-    (LIDC_FORMAT.md). Slices whose size differs from the series' first slice are dropped.
+    (docs/lidc_format.md). Slices whose size differs from the series' first slice are dropped.
 
     Returns:
         The series sorted by UID, and ``(path, reason)`` for every dropped slice.

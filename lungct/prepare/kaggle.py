@@ -21,18 +21,19 @@ from typing import Any, TypeVar
 
 from tqdm import tqdm
 
-from lungct.prepare.archives import (
-    _marker_path,
-    _read_marker,
-    _short,
-    archive_suffix,
-    extract_archive,
-    read_refused_entries,
-)
 from lungct.errors import UserError
 from lungct.fileio import atomic_write_json
+from lungct.prepare.archives import (
+    archive_suffix,
+    describe_error,
+    extract_archive,
+    marker_path,
+    read_marker,
+    read_refused_entries,
+)
 
 __all__ = [
+    "check_slug",
     "download_kaggle",
     "kaggle_credentials_present",
     "select_patient_files",
@@ -119,7 +120,7 @@ def _read_json_object(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def _check_slug(slug: str) -> None:
+def check_slug(slug: str) -> None:
     if not _KAGGLE_SLUG.fullmatch(slug):
         raise UserError(
             f"--kaggle-dataset must look like owner/dataset (as in the dataset's URL), got {slug!r}"
@@ -179,11 +180,11 @@ def download_kaggle(
         UserError: a bad slug, or any failure of the kaggle package (one sentence naming
             ``--kaggle-dataset``).
     """
-    _check_slug(slug)
+    check_slug(slug)
     if max_patients is not None and max_patients < 1:
         raise ValueError(f"max_patients must be at least 1 or None, got {max_patients}")
     limited = download_dir / f"first-{max_patients}-patients"
-    if max_patients is not None and _read_marker(limited).get("slug") == slug:
+    if max_patients is not None and read_marker(limited).get("slug") == slug:
         LOG.info("reusing the Kaggle download in %s", limited)
         return limited
     reusable = _reusable_whole_dataset(slug, download_dir / "all", extract_root, max_patients)
@@ -219,7 +220,7 @@ def _reusable_whole_dataset(
     slug: str, folder: Path, extract_root: Path, max_patients: int | None
 ) -> Path | None:
     """The extracted whole dataset when a completed download serves this request, else None."""
-    record = _read_marker(folder)
+    record = read_marker(folder)
     if record.get("slug") != slug:
         return None
     n_patients = record.get("n_patients_listed")
@@ -232,7 +233,7 @@ def _reusable_whole_dataset(
         LOG.info("reusing the Kaggle download %s", archive)
         return extract_archive(archive, extract_root)
     extracted = extract_root / archive.name.removesuffix(".zip")
-    if _read_marker(extracted).get("archive", {}).get("name") == archive.name:
+    if read_marker(extracted).get("archive", {}).get("name") == archive.name:
         LOG.info("reusing %s (its downloaded zip has been deleted)", extracted)
         return extracted
     return None
@@ -241,13 +242,13 @@ def _reusable_whole_dataset(
 def _download_whole_dataset(api: Any, slug: str, folder: Path, n_patients: int | None) -> Path:
     """Kaggle's zip of the whole dataset in ``folder``, downloaded unless already complete."""
     archive = folder / f"{slug.split('/')[1]}.zip"
-    if _read_marker(folder).get("slug") != slug or not archive.is_file():
+    if read_marker(folder).get("slug") != slug or not archive.is_file():
         LOG.info("downloading the whole Kaggle dataset %s into %s", slug, folder)
         _kaggle_call(
             slug, api.dataset_download_files, slug, path=str(folder), force=False, quiet=False,
             unzip=False,
         )  # fmt: skip
-    atomic_write_json(_marker_path(folder), {"slug": slug, "n_patients_listed": n_patients})
+    atomic_write_json(marker_path(folder), {"slug": slug, "n_patients_listed": n_patients})
     return archive
 
 
@@ -264,7 +265,7 @@ def _download_files(api: Any, slug: str, folder: Path, names: list[str]) -> Path
             extracted = extract_archive(archive, archive.parent)
             refused += [[f"{name}!/{entry}", why] for entry, why in read_refused_entries(extracted)]
     atomic_write_json(
-        _marker_path(folder), {"slug": slug, "files": names, "refused_entries": refused}
+        marker_path(folder), {"slug": slug, "files": names, "refused_entries": refused}
     )
     return folder
 
@@ -329,7 +330,7 @@ def _kaggle_error(slug: str, error: BaseException) -> UserError:
         cause = f"Kaggle could not be reached: {type(error).__name__}"
         fix = "check your network connection, or use --input DIR or --source synthetic"
     else:
-        cause = f"HTTP {status}" if status is not None else _short(error)
+        cause = f"HTTP {status}" if status is not None else describe_error(error)
         fix = "check the slug given with --kaggle-dataset, your credentials and network"
     if "--kaggle-dataset" not in fix:
         fix += " (dataset chosen with --kaggle-dataset)"

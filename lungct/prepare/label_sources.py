@@ -1,7 +1,7 @@
 """Which label source applies to an input tree, and the candidate samples it yields.
 
 LIDC XML readings win when any readings file is present; otherwise a ``--labels`` CSV;
-otherwise class-named folders (DESIGN.md section 3). Every input file that cannot be a
+otherwise class-named folders (docs/architecture.md, labels). Every input file that cannot be a
 candidate gets a reason for skipped.csv.
 """
 
@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lungct.prepare import dicom, lidc
 from lungct.errors import UserError
 from lungct.parallel import pool_map
+from lungct.prepare import dicom
 from lungct.prepare.candidates import (
     IMAGE_SUFFIXES,
     Candidate,
@@ -25,9 +25,15 @@ from lungct.prepare.candidates import (
     folder_candidates,
     lidc_candidates,
 )
+from lungct.prepare.lidc_xml import (
+    LidcParseError,
+    Readings,
+    is_lidc_readings_file,
+    parse_readings,
+)
 
 if TYPE_CHECKING:
-    from lungct.prepare.stage import PrepareConfig
+    from lungct.prepare.config import PrepareConfig
 
 __all__ = ["Found", "find_candidates"]
 
@@ -65,11 +71,11 @@ def _index_dicom(files: list[Path], workers: int, skipped: dict[Path, str]) -> l
 def _from_lidc(config: PrepareConfig, root: Path, files: list[Path], xml_files: list[Path],
                skipped: dict[Path, str]) -> Found:
     rel = lambda path: path.relative_to(root).as_posix()  # noqa: E731
-    readings_by_series: dict[str, lidc.Readings] = {}
+    readings_by_series: dict[str, Readings] = {}
     for path in xml_files:
         try:
-            readings = lidc.parse_readings(path)
-        except lidc.LidcParseError as error:
+            readings = parse_readings(path)
+        except LidcParseError as error:
             skipped[path] = str(error)
             continue
         if readings.series_uid in readings_by_series:
@@ -137,7 +143,7 @@ def _from_user_labels(config: PrepareConfig, root: Path, files: list[Path],
 def find_candidates(config: PrepareConfig, root: Path, files: list[Path],
                      skipped: dict[Path, str]) -> Found:
     xml_files = [f for f in files if f.suffix.lower() == ".xml"]
-    if any(lidc.is_lidc_readings_file(f) for f in xml_files):
+    if any(is_lidc_readings_file(f) for f in xml_files):
         if config.labels_csv is not None:
             LOG.warning("LIDC XML readings found: they label the data, --labels is ignored")
         found = _from_lidc(config, root, files, xml_files, skipped)

@@ -7,7 +7,7 @@ characteristic ratings, nodules < 3 mm with one point, and non-nodules with one 
 marked blindly and their nodule ids are local to each reader, so the marks of one lesion are
 grouped here by geometry (after pylidc's ``Scan.cluster_annotations``, Hancock & Magnan 2016),
 turned into a label by a configurable :class:`LabelRule` and into a consensus ROI mask.
-/work/shared/LIDC_FORMAT.md describes the elements read.
+docs/lidc_format.md describes the elements read.
 
 Readings are matched to CT slices by z position (mm), never by ``imageSOP_UID``: some UIDs in
 the XML match no slice. The XML is untrusted input: DTD and entity declarations are refused.
@@ -30,31 +30,11 @@ import numpy as np
 from lungct.prepare.lidc_xml import (
     RATING_RANGES,
     Contour,
-    LidcParseError,
-    NonNoduleMark,
     ReaderMark,
-    Readings,
-    is_lidc_readings_file,
-    parse_readings,
 )
-from lungct.prepare.nodules import Nodule, cluster_nodules
+from lungct.prepare.nodules import Nodule
 
-__all__ = [
-    "RATING_RANGES",
-    "LidcParseError",
-    "Contour",
-    "ReaderMark",
-    "NonNoduleMark",
-    "Readings",
-    "parse_readings",
-    "is_lidc_readings_file",
-    "Nodule",
-    "cluster_nodules",
-    "LabelRule",
-    "consensus_mask",
-    "nodule_slices",
-    "far_from_marks",
-]
+__all__ = ["LabelRule", "consensus_mask", "nodule_slices", "far_from_marks"]
 
 _Z_EPS_MM = 1e-6  # z positions equal within float noise
 _AGGREGATES: dict[str, Callable[[list[int]], float]] = {

@@ -4,7 +4,7 @@ The LIDC-IDRI collection (Armato et al. 2011, Med. Phys. 38:915; TCIA DOI
 10.7937/K9/TCIA.2015.LO9QL9SX) ships one XML file of readings per CT series: up to four
 radiologists (``readingSession``) each marked nodules >= 3 mm with outlines and nine
 characteristic ratings, nodules < 3 mm with one point, and non-nodules with one point.
-/work/shared/LIDC_FORMAT.md describes the elements read.
+docs/lidc_format.md describes the elements read.
 
 Readings are matched to CT slices by z position (mm), never by ``imageSOP_UID``: some UIDs in
 the XML match no slice. The XML is untrusted input: DTD and entity declarations are refused.

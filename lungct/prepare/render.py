@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from lungct.prepare.dicom import AIR_HU, UnusableFileError, apply_window, read_hu, square_and_resize
 from lungct.prepare.candidates import IMAGE_SUFFIXES, Candidate
+from lungct.prepare.dicom import AIR_HU, UnusableFileError, apply_window, read_hu, square_and_resize
 
 __all__ = ["RenderSettings", "Rendered", "render", "encode_png", "lung_tissue_centre"]
 

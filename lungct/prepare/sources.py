@@ -1,11 +1,11 @@
 """Where the raw data comes from: a local folder or archive, Kaggle, or the synthetic cohort.
 
-``--source auto`` tries, in order (DESIGN.md section 3): ``--input`` (a folder or an archive),
+``--source auto`` tries, in order (docs/architecture.md, labels): ``--input`` (a folder or an archive),
 a Kaggle download when credentials exist, and otherwise the built-in synthetic cohort, which
 is announced with a warning because its results say nothing about real patients.
 
 Archive extraction (refusing unsafe entries) lives in :mod:`lungct.prepare.archives` and the
-Kaggle download in :mod:`lungct.prepare.kaggle`; their public names are re-exported here.
+Kaggle download in :mod:`lungct.prepare.kaggle`.
 """
 
 from __future__ import annotations
@@ -15,36 +15,20 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from lungct.errors import UserError
 from lungct.prepare.archives import (
     ARCHIVE_SUFFIXES,
-    MAX_EXTRACTED_BYTES,
     archive_suffix,
     extract_archive,
     read_refused_entries,
 )
-from lungct.prepare.archives import MARKER_SUFFIX as MARKER_SUFFIX
-from lungct.errors import UserError
 from lungct.prepare.kaggle import (
-    _check_slug,
+    check_slug,
     download_kaggle,
     kaggle_credentials_present,
-    select_patient_files,
 )
 
-__all__ = [
-    "ARCHIVE_SUFFIXES",
-    "DEFAULT_KAGGLE_DATASET",
-    "MAX_EXTRACTED_BYTES",
-    "SOURCES",
-    "ResolvedSource",
-    "archive_suffix",
-    "download_kaggle",
-    "extract_archive",
-    "kaggle_credentials_present",
-    "read_refused_entries",
-    "resolve_source",
-    "select_patient_files",
-]
+__all__ = ["DEFAULT_KAGGLE_DATASET", "SOURCES", "ResolvedSource", "resolve_source"]
 
 LOG = logging.getLogger(__name__)
 
@@ -148,7 +132,7 @@ def _resolve_local(input_path: Path, work_dir: Path) -> ResolvedSource:
 
 
 def _resolve_kaggle(slug: str, work_dir: Path, max_patients: int | None) -> ResolvedSource:
-    _check_slug(slug)
+    check_slug(slug)
     if not kaggle_credentials_present():
         raise UserError(
             f"no Kaggle credentials to download {slug!r} (--kaggle-dataset): save kaggle.json "

@@ -1,7 +1,7 @@
 """Patient-level split and balancing of candidate samples.
 
 Splitting by slice or by nodule puts one patient in train and test and inflates every metric
-(LIDC_FORMAT.md, Pitfalls), so patients are split first and samples follow their patient.
+(docs/lidc_format.md, pitfalls), so patients are split first and samples follow their patient.
 """
 
 from __future__ import annotations
@@ -13,29 +13,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lungct.contract import SPLITS
 from lungct.prepare.candidates import Candidate
+from lungct.sampling import largest_remainder
 
-__all__ = ["SPLITS", "split_patients", "Selection", "balance"]
+__all__ = ["split_patients", "Selection", "balance"]
 
 LOG = logging.getLogger(__name__)
-
-SPLITS = ("train", "val", "test")
-
-
-def _allocate(n_items: int, fractions: Sequence[float]) -> list[int]:
-    """Largest-remainder counts of ``n_items`` by ``fractions``; every split with a non-zero
-    fraction gets one item when there are enough items."""
-    share = np.asarray(fractions, dtype=float)
-    exact = share * n_items
-    counts = np.floor(exact).astype(int)
-    for index in np.argsort(-(exact - counts), kind="stable")[: n_items - counts.sum()]:
-        counts[index] += 1
-    if n_items >= np.count_nonzero(share):
-        for index in np.flatnonzero((counts == 0) & (share > 0)):
-            counts[int(np.argmax(counts))] -= 1
-            counts[index] += 1
-    return counts.tolist()
-
 
 def split_patients(
     patient_labels: dict[str, int], fractions: Sequence[float], seed: int
@@ -59,7 +43,7 @@ def split_patients(
         patients = sorted(p for p, lab in patient_labels.items() if lab == label)
         order = rng.permutation(len(patients))
         start = 0
-        for split, count in zip(SPLITS, _allocate(len(patients), fractions), strict=True):
+        for split, count in zip(SPLITS, largest_remainder(len(patients), fractions), strict=True):
             for index in order[start : start + count]:
                 assignment[patients[index]] = split
             start += count
@@ -132,7 +116,7 @@ def balance(
     samples: list[tuple[str, Candidate]] = []
     requested: dict[str, dict[str, int]] = {}
     available: dict[str, dict[str, int]] = {}
-    quotas = dict(zip(SPLITS, _allocate(per_class, fractions), strict=True))
+    quotas = dict(zip(SPLITS, largest_remainder(per_class, fractions), strict=True))
     for split in SPLITS:
         requested[split], available[split] = {}, {}
         for label, class_name in ((1, "cancer"), (0, "non_cancer")):

@@ -8,104 +8,30 @@ half-written dataset and a re-run starts clean.
 
 from __future__ import annotations
 
-import csv
-import hashlib
-import io
-import json
 import logging
 import os
-import platform
-import re
 import shutil
 from collections import Counter
-from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from lungct import __version__
-from lungct.prepare import dicom, lidc, sources
-from lungct.prepare.split import SPLITS, Selection, balance, split_patients
+from lungct import contract
+from lungct.environment import package_versions
 from lungct.errors import UserError
-from lungct.fileio import atomic_write_bytes, atomic_write_json
-from lungct.prepare.label_sources import find_candidates
+from lungct.fileio import atomic_write_bytes
+from lungct.fingerprint import fingerprint
 from lungct.parallel import pool_map
+from lungct.prepare import dicom, sources
+from lungct.prepare.archives import MARKER_SUFFIX
+from lungct.prepare.candidates import Candidate
+from lungct.prepare.config import PrepareConfig
+from lungct.prepare.label_sources import find_candidates
 from lungct.prepare.pseudonym import pseudonymise
 from lungct.prepare.render import RenderSettings, encode_png, render
-from lungct.prepare.candidates import (
-    Candidate,
-)
+from lungct.prepare.split import Selection, balance, split_patients
 
-__all__ = ["PrepareConfig", "MANIFEST_COLUMNS", "run"]
+__all__ = ["run"]
 
 LOG = logging.getLogger(__name__)
-
-MANIFEST_COLUMNS = (
-    "path", "label", "class_name", "split", "patient_id", "series_uid", "slice_z_mm",
-    "nodule_id", "malignancy", "n_readers", "diameter_mm", "negative_kind", "mm_per_px",
-    "mask_path", "source_file",
-)
-CLASS_NAMES = ("non_cancer", "cancer")
-
-
-@dataclass(frozen=True)
-class PrepareConfig:
-    """Every setting of the prepare stage; validated on construction."""
-
-    source: str = "auto"
-    input_path: Path | None = None
-    kaggle_dataset: str = sources.DEFAULT_KAGGLE_DATASET
-    max_patients: int | None = None
-    labels_csv: Path | None = None
-    patient_regex: str = r"LIDC-IDRI-\d{4}"
-    output_dir: Path = Path("output_dataset")
-    work_dir: Path = Path(".")
-    image_size_px: int = 224
-    window: str = "lung"
-    view: str = "slice"
-    patch_mm: float = 64.0
-    split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
-    target_count: int = 3000
-    max_per_patient: int = 20
-    negative_margin_mm: float = 10.0
-    label_rule: lidc.LabelRule = field(default_factory=lidc.LabelRule)
-    seed: int = 42
-    synthetic_patients: int = 0  # 0 = the synthetic module's default
-    synthetic_size_px: int = 0  # 0 = the synthetic module's default
-    pseudonymise: bool = False
-    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
-    overwrite: bool = False
-
-    def __post_init__(self) -> None:
-        if self.source not in sources.SOURCES:
-            raise ValueError(f"source must be one of {sources.SOURCES}, got {self.source!r}")
-        if self.view not in ("slice", "patch"):
-            raise ValueError(f"view must be slice or patch, got {self.view!r}")
-        if not 8 <= self.image_size_px <= 2048:
-            raise ValueError(f"image size must be 8-2048 px, got {self.image_size_px}")
-        if self.patch_mm <= 0:
-            raise ValueError(f"patch size must be > 0 mm, got {self.patch_mm:g}")
-        if self.negative_margin_mm < 0:
-            raise ValueError(f"negative margin must be >= 0 mm, got {self.negative_margin_mm:g}")
-        if self.workers < 1:
-            raise ValueError(f"workers must be >= 1, got {self.workers}")
-        if self.max_patients is not None and self.max_patients < 1:
-            raise ValueError(f"max patients must be >= 1, got {self.max_patients}")
-        dicom.parse_window(self.window)
-        re.compile(self.patient_regex)
-        split_patients({}, self.split_fractions, 0)
-        if self.target_count < 2 or self.max_per_patient < 1:
-            raise ValueError(
-                f"target count must be >= 2 and max per patient >= 1, got "
-                f"{self.target_count} and {self.max_per_patient}"
-            )
-
-    def hashed_settings(self) -> dict:
-        """The settings that decide the output (not paths, workers or overwrite)."""
-        settings = asdict(self)
-        for key in ("input_path", "output_dir", "work_dir", "workers", "overwrite", "labels_csv"):
-            settings.pop(key)
-        settings["label_rule"] = self.label_rule.to_dict()
-        return settings
 
 
 # ----------------------------------------------------------------------------- file listing
@@ -119,20 +45,18 @@ def _list_files(root: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
             path = Path(folder, name)
             if path.is_symlink():
                 links.append((path, "symbolic link, not followed"))
-            elif not name.endswith(sources.MARKER_SUFFIX) and path.is_file():
+            elif not name.endswith(MARKER_SUFFIX) and path.is_file():
                 files.append(path)
     return files, links
 
 
 def _input_hash(config: PrepareConfig, root: Path, files: list[Path], description: str) -> str:
-    digest = hashlib.sha256()
-    digest.update(json.dumps(config.hashed_settings(), sort_keys=True, default=str).encode())
-    digest.update(description.encode())
-    if config.labels_csv is not None:
-        digest.update(Path(config.labels_csv).read_bytes())
-    for path in files:
-        digest.update(f"{path.relative_to(root).as_posix()}\0{path.stat().st_size}\n".encode())
-    return digest.hexdigest()
+    """Fingerprint of the settings, the source, the labels CSV and the input listing."""
+    settings = {**config.hashed_settings(), "source": description,
+                "schema_version": contract.SCHEMA_VERSION}
+    labels = () if config.labels_csv is None else (Path(config.labels_csv),)
+    return fingerprint(settings, contents=labels,
+                       listing=((path.relative_to(root).as_posix(), path) for path in files))
 
 
 # ----------------------------------------------------------------------------- writing
@@ -142,7 +66,7 @@ def _render_and_write(job: tuple[str, Candidate, RenderSettings, Path]) -> dict 
         rendered = render(candidate, settings)
     except dicom.UnusableFileError as skip:
         return str(skip)
-    class_name = CLASS_NAMES[candidate.label]
+    class_name = contract.CLASS_NAMES[candidate.label]
     image_rel = f"{class_name}/{candidate.key}.png"
     atomic_write_bytes(staging / image_rel, encode_png(rendered.image))
     mask_rel = ""
@@ -161,28 +85,9 @@ def _render_and_write(job: tuple[str, Candidate, RenderSettings, Path]) -> dict 
     }
 
 
-def _csv_bytes(columns: Iterable[str], rows: Iterable[dict]) -> bytes:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue().encode()
-
-
-def _package_versions() -> dict[str, str]:
-    import cv2
-    import numpy
-    import pandas
-    import pydicom
-
-    return {"python": platform.python_version(), "lungct": __version__,
-            "numpy": numpy.__version__, "pydicom": pydicom.__version__,
-            "opencv": cv2.__version__, "pandas": pandas.__version__}
-
-
 def _summary(rows: list[dict], selection: Selection) -> dict:
     counts: dict[str, dict] = {}
-    for split in SPLITS:
+    for split in contract.SPLITS:
         in_split = [r for r in rows if r["split"] == split]
         counts[split] = {
             "images": len(in_split),
@@ -201,11 +106,11 @@ def _summary(rows: list[dict], selection: Selection) -> dict:
 # ----------------------------------------------------------------------------- the stage
 def _check_existing(output_dir: Path, input_hash: str, overwrite: bool) -> bool:
     """True when ``output_dir`` already holds this exact dataset (nothing to do)."""
-    dataset_json = output_dir / "dataset.json"
+    dataset_json = output_dir / contract.DATASET_FILE
     if dataset_json.exists():
         try:
-            existing = json.loads(dataset_json.read_text()).get("input_hash")
-        except (OSError, json.JSONDecodeError):
+            existing = contract.read_dataset_info(output_dir).get("input_hash")
+        except UserError:
             existing = None
         if overwrite:
             return False
@@ -235,7 +140,7 @@ def run(config: PrepareConfig) -> dict:
     input_hash = _input_hash(config, root, files, source.description)
     if _check_existing(output_dir, input_hash, config.overwrite):
         LOG.info("%s is up to date (same settings and input): reusing it", output_dir)
-        return json.loads((output_dir / "dataset.json").read_text())
+        return contract.read_dataset_info(output_dir)
     LOG.info("source %s: %d files under %s", source.description, len(files), root)
 
     skipped: dict[Path, str] = dict(links)
@@ -282,7 +187,8 @@ def run(config: PrepareConfig) -> dict:
         skipped_rel.pop(candidate_rel, None)
 
     summary = _summary(rows, selection)
-    missing = {s: [c for c in ("cancer", "non_cancer") if summary[s][c] == 0] for s in SPLITS}
+    missing = {s: [c for c in ("cancer", "non_cancer") if summary[s][c] == 0]
+               for s in contract.SPLITS}
     missing = {s: m for s, m in missing.items() if m}
     if missing:
         LOG.warning("splits missing a class (cohort too small?): %s", missing)
@@ -299,7 +205,7 @@ def run(config: PrepareConfig) -> dict:
         "view": view,
         "patch_mm": config.patch_mm if view == "patch" else None,
         "seed": config.seed,
-        "split_fractions": dict(zip(SPLITS, config.split_fractions, strict=True)),
+        "split_fractions": dict(zip(contract.SPLITS, config.split_fractions, strict=True)),
         "split_level": "patient",
         "target_count": config.target_count,
         "max_per_patient": config.max_per_patient,
@@ -308,17 +214,15 @@ def run(config: PrepareConfig) -> dict:
         "splits_missing_class": missing,
         "pseudonymised": config.pseudonymise,
         "files_skipped": {"total": len(skipped_rel), "by_reason": dict(sorted(reasons.items()))},
-        "versions": _package_versions(),
+        "versions": package_versions("numpy", "pydicom", "opencv-python-headless", "pandas"),
         "input_hash": input_hash,
     }
-    atomic_write_bytes(staging / "manifest.csv", _csv_bytes(MANIFEST_COLUMNS, rows))
-    atomic_write_bytes(staging / "skipped.csv", _csv_bytes(
-        ("file", "reason"),
-        ({"file": f, "reason": r} for f, r in sorted(skipped_rel.items()))))
-    atomic_write_json(staging / "dataset.json", dataset)
+    contract.write_manifest(staging, rows)
+    contract.write_skipped(staging, skipped_rel)
+    contract.write_dataset_info(staging, dataset)
     _swap_into_place(staging, output_dir)
     LOG.info("wrote %d images to %s (%s); skipped %d files: %s", len(rows), output_dir,
-             ", ".join(f"{s} {summary[s]['images']}" for s in SPLITS), len(skipped_rel),
+             ", ".join(f"{s} {summary[s]['images']}" for s in contract.SPLITS), len(skipped_rel),
              ", ".join(f"{n} {r}" for r, n in reasons.most_common(6)) or "none")
     return dataset
 

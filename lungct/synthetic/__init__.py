@@ -2,7 +2,7 @@
 
 The pipeline's offline default and the fixture of the stage tests. It writes real files that
 a reader of LIDC-IDRI (Armato et al. 2011, Med. Phys. 38:915) accepts, so synthetic data goes
-through exactly the code real data goes through (/work/shared/LIDC_FORMAT.md is the contract):
+through exactly the code real data goes through (docs/lidc_format.md is the contract):
 
 ``out_dir/LIDC-IDRI-9001/<StudyInstanceUID>/<SeriesInstanceUID>/000001.dcm ... + NNN.xml``
 

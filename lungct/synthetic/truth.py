@@ -19,7 +19,7 @@ __all__ = ["LABEL_RULE", "NEGATIVE_MARGIN_MM"]
 
 LOG = logging.getLogger(__name__)
 
-#: The default consensus rule, recorded with the labels in truth.json (DESIGN.md section 3).
+#: The default consensus rule, recorded with the labels in truth.json (docs/architecture.md, labels).
 LABEL_RULE = {"rating": "malignancy", "aggregate": "median", "cancer_at_least": 4,
               "non_cancer_at_most": 2, "min_readers": 1}
 NEGATIVE_MARGIN_MM = 10.0  # no-finding slices: at least this far in z from every mark

@@ -6,7 +6,7 @@ and ``keras.random`` only, so the same transforms and ranges run on TensorFlow a
 random draws differ per backend). The layer is used only in the training wrapper of
 :func:`augmented_model`, never in the saved classifier, and holds none of Keras' RandomRotation
 or RandomZoom layers, for which Keras turns ``jit_compile`` off (58x slower on an H100,
-../shared/MEASURED.md).
+docs/measured.md).
 """
 
 from __future__ import annotations

@@ -22,8 +22,9 @@ import keras
 import numpy as np
 
 from lungct import backend
-from lungct.train.image_cache import ArrayBatches, SplitData
 from lungct.fileio import atomic_path, atomic_write_text
+from lungct.train.batches import ArrayBatches
+from lungct.train.image_cache import SplitData
 
 __all__ = [
     "CHECKPOINT_FILE",

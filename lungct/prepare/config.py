@@ -1,0 +1,74 @@
+"""Prepare configuration: every setting of stage 1, validated on construction."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from lungct.prepare import dicom, lidc, sources
+from lungct.prepare.split import split_patients
+
+__all__ = ["PrepareConfig"]
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """Every setting of the prepare stage; validated on construction."""
+
+    source: str = "auto"
+    input_path: Path | None = None
+    kaggle_dataset: str = sources.DEFAULT_KAGGLE_DATASET
+    max_patients: int | None = None
+    labels_csv: Path | None = None
+    patient_regex: str = r"LIDC-IDRI-\d{4}"
+    output_dir: Path = Path("output_dataset")
+    work_dir: Path = Path(".")
+    image_size_px: int = 224
+    window: str = "lung"
+    view: str = "slice"
+    patch_mm: float = 64.0
+    split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
+    target_count: int = 3000
+    max_per_patient: int = 20
+    negative_margin_mm: float = 10.0
+    label_rule: lidc.LabelRule = field(default_factory=lidc.LabelRule)
+    seed: int = 42
+    synthetic_patients: int = 0  # 0 = the synthetic module's default
+    synthetic_size_px: int = 0  # 0 = the synthetic module's default
+    pseudonymise: bool = False
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if self.source not in sources.SOURCES:
+            raise ValueError(f"source must be one of {sources.SOURCES}, got {self.source!r}")
+        if self.view not in ("slice", "patch"):
+            raise ValueError(f"view must be slice or patch, got {self.view!r}")
+        if not 8 <= self.image_size_px <= 2048:
+            raise ValueError(f"image size must be 8-2048 px, got {self.image_size_px}")
+        if self.patch_mm <= 0:
+            raise ValueError(f"patch size must be > 0 mm, got {self.patch_mm:g}")
+        if self.negative_margin_mm < 0:
+            raise ValueError(f"negative margin must be >= 0 mm, got {self.negative_margin_mm:g}")
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
+        if self.max_patients is not None and self.max_patients < 1:
+            raise ValueError(f"max patients must be >= 1, got {self.max_patients}")
+        dicom.parse_window(self.window)
+        re.compile(self.patient_regex)
+        split_patients({}, self.split_fractions, 0)
+        if self.target_count < 2 or self.max_per_patient < 1:
+            raise ValueError(
+                f"target count must be >= 2 and max per patient >= 1, got "
+                f"{self.target_count} and {self.max_per_patient}"
+            )
+
+    def hashed_settings(self) -> dict:
+        """The settings that decide the output (not paths, workers or overwrite)."""
+        settings = asdict(self)
+        for key in ("input_path", "output_dir", "work_dir", "workers", "overwrite", "labels_csv"):
+            settings.pop(key)
+        settings["label_rule"] = self.label_rule.to_dict()
+        return settings
