@@ -32,7 +32,7 @@ from lungct.parallel import pool_map
 from lungct.prepare import dicom
 from lungct.prepare.candidates import Candidate
 from lungct.prepare.render import RenderSettings, encode_png, render
-from lungct.synthetic import generate_cohort
+from lungct.synthetic.cohort import generate_cohort
 
 LOG = logging.getLogger("bench_prepare")
 

@@ -33,10 +33,10 @@ from sklearn.model_selection import StratifiedGroupKFold, cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from lungct import synthetic
 from lungct.cli import add_logging_flags, configure_logging, run_main
 from lungct.errors import UserError
 from lungct.fileio import atomic_write_json
+from lungct.synthetic import cohort as synthetic
 
 LOG = logging.getLogger("bench_synthetic_acceptance")
 

@@ -2,11 +2,11 @@
 """Is the input pipeline the bottleneck? Training images/s from the project's loader vs memory.
 
 Writes a dataset of random PNGs in the output_dataset/ layout to a temporary folder, loads it
-through ``lungct.train.image_cache`` (uint8 cache, memory-mapped, served by ``ArrayBatches``), and trains
-one model with the project's on-device augmentation, alternating epochs fed by the loader and
-epochs fed by the same images as an in-memory NumPy array (same model, same compiled step,
-same augmentation). Prints JSON: median images/s of each and their ratio (goal: >= 0.90 on a
-CPU, >= 0.95 on a GPU; issue 3).
+through ``lungct.train.image_cache`` (uint8 cache, memory-mapped, served by
+``ArrayBatches``), and trains one model with the project's on-device augmentation,
+alternating epochs fed by the loader and epochs fed by the same images as an in-memory
+NumPy array (same model, same compiled step, same augmentation). Prints JSON: median images/s
+of each and their ratio (goal: >= 0.90 on a CPU, >= 0.95 on a GPU; issue 3).
 
     python benchmarks/bench_train.py --image-size 64 --out benchmarks/out/train.json
 """

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import shutil
 import subprocess
@@ -105,3 +106,38 @@ def test_no_tracked_file_names_a_local_path() -> None:
                 offenders.append(f"{name}:{number}")
     assert not offenders, f"local paths in tracked files: {', '.join(offenders)}"
 
+
+
+def _import_froms(path: Path) -> list[ast.ImportFrom]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    return [node for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
+
+
+def test_no_private_names_cross_modules() -> None:
+    """No lungct module imports another lungct module's private (underscore) names."""
+    offenders = [
+        f"{path.relative_to(REPO)}: {alias.name} from {node.module}"
+        for path in sorted(PACKAGE.rglob("*.py"))
+        for node in _import_froms(path)
+        if node.module and node.module.startswith("lungct")
+        for alias in node.names
+        if alias.name.startswith("_") and not alias.name.startswith("__")
+    ]
+    assert not offenders, f"private names imported across modules: {offenders}"
+
+
+def test_no_re_export_facades() -> None:
+    """Every name a module lists in __all__ is defined there, not imported from elsewhere."""
+    offenders = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        imported = {alias.asname or alias.name for node in _import_froms(path)
+                    for alias in node.names}
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in tree.body:
+            targets = node.targets if isinstance(node, ast.Assign) else (
+                [node.target] if isinstance(node, ast.AnnAssign) else [])
+            if any(isinstance(t, ast.Name) and t.id == "__all__" for t in targets) and node.value:
+                listed = ast.literal_eval(node.value)
+                offenders += [f"{path.relative_to(REPO)}: {name}" for name in listed
+                              if name in imported]
+    assert not offenders, f"names re-exported from other modules: {offenders}"

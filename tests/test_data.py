@@ -1,4 +1,4 @@
-"""Tests for lungct.train.image_cache: manifest checks, the uint8 cache and its invalidation, batches."""
+"""Tests of the manifest checks, lungct.train.image_cache (uint8 cache) and the batches."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests of lungct.gradcam and lungct.interpret.cam_checks (TensorFlow in-process, JAX in a subprocess)."""
+"""Tests of lungct.gradcam and lungct.interpret.cam_checks (TF in-process, JAX in a subprocess)."""
 
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ from pydicom.data import get_testdata_file
 
 import prepare_lung_dataset
 from lungct.contract import MANIFEST_COLUMNS
-from lungct.synthetic import generate_cohort
+from lungct.synthetic.cohort import generate_cohort
 
 SMALL = ["--synthetic-patients", "8", "--synthetic-size", "96", "--workers", "2"]
 

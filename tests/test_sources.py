@@ -107,7 +107,7 @@ def with_credentials(no_credentials: Path, monkeypatch: pytest.MonkeyPatch) -> P
 
 
 class FakeKaggleApi:
-    """The slice of kaggle 2.x's KaggleApi that lungct.prepare.sources uses, over an in-memory dataset."""
+    """The part of kaggle 2.x's KaggleApi that lungct.prepare.kaggle uses, in memory."""
 
     def __init__(self, files: dict[str, bytes], error: BaseException | None = None) -> None:
         self.files = files

@@ -11,9 +11,9 @@ import numpy as np
 import pydicom
 import pytest
 
-from lungct import synthetic
 from lungct.errors import UserError
-from lungct.synthetic import generate_cohort, lesions, readers, scan
+from lungct.synthetic import lesions, readers, scan
+from lungct.synthetic.cohort import generate_cohort
 
 NS = {"lidc": "http://www.nih.gov"}
 LIDC = "{http://www.nih.gov}"  # ElementTree tag prefix of the LIDC namespace
@@ -59,7 +59,7 @@ def test_layout_is_classic_lidc(cohort, truth):
         series_dir = cohort / patient["series_dir"]
         assert series_dir.parts[-3:] == (patient["patient_id"], patient["study_instance_uid"],
                                          patient["series_instance_uid"])
-        assert len(_slices(cohort, patient)) == synthetic.SLICES_PER_PATIENT
+        assert len(_slices(cohort, patient)) == scan.SLICES_PER_PATIENT
         (xml_file,) = series_dir.glob("*.xml")
         assert len(xml_file.stem) == 3 and xml_file.stem.isdigit()
 
@@ -82,7 +82,7 @@ def test_slices_are_valid_ct_dicom_with_the_listed_tags(cohort, truth):
         assert (float(ds.RescaleSlope), float(ds.RescaleIntercept)) == (1.0, -1024.0)
         assert ds.PixelPaddingValue == -2000
         assert [float(v) for v in ds.ImageOrientationPatient] == [1, 0, 0, 0, 1, 0]
-        assert float(ds.SliceThickness) == synthetic.SLICE_THICKNESS_MM
+        assert float(ds.SliceThickness) == scan.SLICE_THICKNESS_MM
         assert ds.InstanceNumber == index + 1
         assert float(ds.ImagePositionPatient[2]) == patient["slice_z_mm"][index]
         assert float(ds.PixelSpacing[0]) * SIZE_PX == pytest.approx(350.0, abs=0.01)
@@ -95,7 +95,7 @@ def test_uids_are_unique_and_z_steps_by_the_slice_thickness(cohort, truth):
                 for path in _slices(cohort, patient)]
     assert len({ds.SOPInstanceUID for ds in datasets}) == len(datasets)
     z = np.array([float(ds.ImagePositionPatient[2]) for ds in datasets])
-    np.testing.assert_allclose(np.diff(z), -synthetic.SLICE_THICKNESS_MM)
+    np.testing.assert_allclose(np.diff(z), -scan.SLICE_THICKNESS_MM)
 
 
 def test_tissues_have_realistic_hu(cohort, truth):
@@ -327,7 +327,7 @@ def test_changed_parameters_regenerate_and_keep_foreign_files(tmp_path):
     assert json.loads((out / "cohort.json").read_text(encoding="utf-8"))["n_patients"] == 1
     assert foreign.read_text(encoding="utf-8") == "mine"
     assert not list((out / "LIDC-IDRI-9002").rglob("*.dcm"))
-    assert len(list((out / "LIDC-IDRI-9001").rglob("*.dcm"))) == synthetic.SLICES_PER_PATIENT
+    assert len(list((out / "LIDC-IDRI-9001").rglob("*.dcm"))) == scan.SLICES_PER_PATIENT
 
 
 def test_missing_marker_regenerates(tmp_path):
@@ -363,14 +363,14 @@ def test_unwritable_folder_is_a_user_error(tmp_path):
 def _rendered(lesion_kwargs: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """HU, occupancy and distance from the centre (px) around one 16 mm lesion drawn into
     flat lung at 256 px, on its centre slice."""
-    geometry = scan._geometry(256, np.random.default_rng(0))
+    geometry = scan.make_geometry(256, np.random.default_rng(0))
     k = len(geometry.z_mm) // 2
     centre_mm = float(geometry.axis_mm[128])  # on a pixel centre
     hu = np.full((len(geometry.z_mm), 256, 256), -860.0, dtype=np.float32)
-    lesion = lesions._Lesion(kind="nodule", centre_mm=(centre_mm, centre_mm, geometry.z_mm[k]),
+    lesion = lesions.Lesion(kind="nodule", centre_mm=(centre_mm, centre_mm, geometry.z_mm[k]),
                              diameter_mm=16.0, axes=(1.0, 1.0, 1.0), rotation=np.eye(3),
                              **lesion_kwargs)
-    footprint = lesions._render_lesion(hu, geometry, lesion)
+    footprint = lesions.render_lesion(hu, geometry, lesion)
     k0, r0, c0 = footprint.start
     occupancy = footprint.occupancy[k - k0]
     rows, cols = np.indices(occupancy.shape)
@@ -380,7 +380,7 @@ def _rendered(lesion_kwargs: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def test_spicules_reach_beyond_the_nodule_body():
     """A spiculated nodule has dense pixels far outside its radius; a smooth one has none."""
-    radius_px = 8.0 / synthetic.FIELD_OF_VIEW_MM * 256
+    radius_px = 8.0 / scan.FIELD_OF_VIEW_MM * 256
     spikes = {"spiculation": 0.8, "spicule_dirs": np.array([[1.0, 0, 0], [0, -1.0, 0]]),
               "spicule_lengths_mm": np.array([8.0, 8.0])}
     spiculated, _, distance_px = _rendered(spikes)
@@ -415,13 +415,13 @@ def test_lobulation_bumps_the_outline():
 
 def test_cavity_is_outlined_as_a_hole():
     """A reader who outlines holes marks a cavitated nodule's air with an inclusion FALSE roi."""
-    geometry = scan._geometry(256, np.random.default_rng(0))
+    geometry = scan.make_geometry(256, np.random.default_rng(0))
     k = len(geometry.z_mm) // 2
     hu = np.full((len(geometry.z_mm), 256, 256), -860.0, dtype=np.float32)
-    lesion = lesions._Lesion(kind="nodule", centre_mm=(0.0, 0.0, geometry.z_mm[k]),
+    lesion = lesions.Lesion(kind="nodule", centre_mm=(0.0, 0.0, geometry.z_mm[k]),
                              diameter_mm=20.0, axes=(1.0, 1.0, 1.0), rotation=np.eye(3),
                              cavity_radius_mm=4.0)
-    footprint = lesions._render_lesion(hu, geometry, lesion)
+    footprint = lesions.render_lesion(hu, geometry, lesion)
     reader = readers._Reader("1", "{:d}", 1, {}, threshold=0.5, outlines_holes=True)
     rois = readers._outline(footprint, lesion, reader, geometry, np.random.default_rng(0))
     holes = [roi for roi in rois if not roi.inclusion]

@@ -1,4 +1,4 @@
-"""Tests for training_lung_cnn.py, lungct.train.stage, lungct.train.loop and lungct.train.augment."""
+"""Tests of training_lung_cnn.py and lungct.train (stage, config, loop, augment)."""
 
 from __future__ import annotations
 

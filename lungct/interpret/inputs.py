@@ -80,7 +80,8 @@ def load_images(dataset_dir: Path, paths: list[str], size_px: int) -> np.ndarray
     """uint8 (N, size, size, 1) images as the saved model takes them."""
     if not paths:
         return np.zeros((0, size_px, size_px, contract.IMAGE_CHANNELS), np.uint8)
-    return np.stack([contract.read_png(dataset_dir / p, "image", size_px) for p in paths])[..., None]
+    images = [contract.read_png(dataset_dir / p, "image", size_px) for p in paths]
+    return np.stack(images)[..., None]
 
 
 def load_masks(dataset_dir: Path, mask_paths: list[str], size_px: int) -> np.ndarray:

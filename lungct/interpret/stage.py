@@ -133,7 +133,8 @@ def run(config: InterpretConfig) -> dict:
         return json.loads((config.out_dir / "report.json").read_text(encoding="utf-8"))
     report, figure_inputs = _compute(config, results, dataset_dir, manifest, dataset_info,
                                      model_path, seed)
-    report.update(inputs_sha256=inputs_sha256, config={**config.to_json(), "seed": seed},
+    report.update(schema_version=contract.SCHEMA_VERSION, inputs_sha256=inputs_sha256,
+                  config={**config.to_json(), "seed": seed},
                   environment=environment())
     written = write_report(report, figure_inputs, config.out_dir, started)
     LOG.info("report written to %s in %.1f s", config.out_dir / "report.html",

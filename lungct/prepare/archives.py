@@ -167,7 +167,9 @@ def _extract_members(archive: Path, dest: Path, max_total_bytes: int) -> list[tu
             return _extract_zip(archive, dest, max_total_bytes)
         return _extract_tar(archive, dest, max_total_bytes)
     except _CORRUPT_ARCHIVE_ERRORS as error:
-        raise UserError(f"archive {archive} is corrupt or unreadable ({describe_error(error)})") from error
+        raise UserError(
+            f"archive {archive} is corrupt or unreadable ({describe_error(error)})"
+        ) from error
 
 
 def _relative_parts(name: str) -> list[str]:

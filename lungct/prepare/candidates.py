@@ -1,8 +1,9 @@
 """Candidate samples: which slices (or images) could enter the dataset, with their labels.
 
-Three label sources, in order of trust (docs/architecture.md, labels): LIDC XML readings, a labels CSV
-given by the user, class-named folders. A candidate records everything the manifest needs;
-rendering it to a PNG is lungct.prepare.render's job, choosing among candidates lungct.prepare.split's.
+Three label sources, in order of trust (docs/lidc_format.md): LIDC XML readings, a
+labels CSV given by the user, class-named folders. A candidate records everything the manifest
+needs; rendering it to a PNG is lungct.prepare.render's job, choosing among candidates
+lungct.prepare.split's.
 """
 
 from __future__ import annotations

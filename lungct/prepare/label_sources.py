@@ -1,7 +1,7 @@
 """Which label source applies to an input tree, and the candidate samples it yields.
 
 LIDC XML readings win when any readings file is present; otherwise a ``--labels`` CSV;
-otherwise class-named folders (docs/architecture.md, labels). Every input file that cannot be a
+otherwise class-named folders (docs/lidc_format.md). Every input file that cannot be a
 candidate gets a reason for skipped.csv.
 """
 

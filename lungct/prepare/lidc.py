@@ -12,8 +12,8 @@ docs/lidc_format.md describes the elements read.
 Readings are matched to CT slices by z position (mm), never by ``imageSOP_UID``: some UIDs in
 the XML match no slice. The XML is untrusted input: DTD and entity declarations are refused.
 
-Parsing lives in :mod:`lungct.prepare.lidc_xml` and reader clustering in :mod:`lungct.prepare.nodules`;
-this module holds the label rule and the masks, and re-exports the public names of both.
+Parsing lives in :mod:`lungct.prepare.lidc_xml` and reader clustering in
+:mod:`lungct.prepare.nodules`; this module holds the label rule and the masks.
 """
 
 from __future__ import annotations

@@ -106,7 +106,11 @@ def _crop(image: np.ndarray, centre_xy: tuple[float, float], side_px: int,
 
 
 def render(candidate: Candidate, settings: RenderSettings) -> Rendered:
-    """Draw one candidate. Raises lungct.prepare.dicom.UnusableFileError when its pixels cannot be read."""
+    """Draw one candidate.
+
+    Raises:
+        lungct.prepare.dicom.UnusableFileError: its pixels cannot be read.
+    """
     if candidate.source_path.suffix.lower() in IMAGE_SUFFIXES:
         return _render_image_file(candidate, settings)
     hu, monochrome1 = read_hu(candidate.source_path)

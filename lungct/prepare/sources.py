@@ -1,8 +1,8 @@
 """Where the raw data comes from: a local folder or archive, Kaggle, or the synthetic cohort.
 
-``--source auto`` tries, in order (docs/architecture.md, labels): ``--input`` (a folder or an archive),
-a Kaggle download when credentials exist, and otherwise the built-in synthetic cohort, which
-is announced with a warning because its results say nothing about real patients.
+``--source auto`` tries, in order: ``--input`` (a folder or an archive), a Kaggle download
+when credentials exist, and otherwise the built-in synthetic cohort, which is announced with a
+warning because its results say nothing about real patients.
 
 Archive extraction (refusing unsafe entries) lives in :mod:`lungct.prepare.archives` and the
 Kaggle download in :mod:`lungct.prepare.kaggle`.
@@ -150,7 +150,7 @@ def _resolve_synthetic(
 ) -> ResolvedSource:
     """Generate (or reuse) the synthetic cohort; 0 patients or 0 px means the module default."""
     # Imported here: the prepare stage must not pay for (or depend on) it with real data.
-    synthetic = importlib.import_module("lungct.synthetic")
+    synthetic = importlib.import_module("lungct.synthetic.cohort")
     out_dir = work_dir / "raw_synthetic"
     try:
         synthetic.generate_cohort(

@@ -8,6 +8,7 @@ half-written dataset and a re-run starts clean.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -24,7 +25,7 @@ from lungct.prepare import dicom, sources
 from lungct.prepare.archives import MARKER_SUFFIX
 from lungct.prepare.candidates import Candidate
 from lungct.prepare.config import PrepareConfig
-from lungct.prepare.label_sources import find_candidates
+from lungct.prepare.label_sources import Found, find_candidates
 from lungct.prepare.pseudonym import pseudonymise
 from lungct.prepare.render import RenderSettings, encode_png, render
 from lungct.prepare.split import Selection, balance, split_patients
@@ -127,31 +128,59 @@ def _check_existing(output_dir: Path, input_hash: str, overwrite: bool) -> bool:
 
 def run(config: PrepareConfig) -> dict:
     """Run the prepare stage; returns the dataset.json content."""
-    work_dir = Path(config.work_dir)
     output_dir = Path(config.output_dir)
-    source = sources.resolve_source(
-        config.source, input_path=config.input_path, kaggle_dataset=config.kaggle_dataset,
-        work_dir=work_dir, max_patients=config.max_patients,
-        synthetic_patients=config.synthetic_patients, synthetic_size_px=config.synthetic_size_px,
-        seed=config.seed,
-    )
-    root = source.root
-    files, links = _list_files(root)
-    input_hash = _input_hash(config, root, files, source.description)
+    source = _resolve_source(config)
+    files, links = _list_files(source.root)
+    input_hash = _input_hash(config, source.root, files, source.description)
     if _check_existing(output_dir, input_hash, config.overwrite):
         LOG.info("%s is up to date (same settings and input): reusing it", output_dir)
         return contract.read_dataset_info(output_dir)
-    LOG.info("source %s: %d files under %s", source.description, len(files), root)
+    LOG.info("source %s: %d files under %s", source.description, len(files), source.root)
+    found, skipped = _find_candidates(config, source, files, links)
+    selection = _split_and_balance(config, found.candidates, skipped)
+    settings = _render_settings(config, found.label_source)
+    staging = output_dir.with_name(output_dir.name + ".partial")
+    rows = _render_all(selection, settings, staging, config.workers, skipped)
+    dataset = _describe(config, source, found, settings, selection, rows, skipped, input_hash)
+    contract.write_manifest(staging, rows)
+    contract.write_skipped(staging, skipped)
+    contract.write_dataset_info(staging, dataset)
+    _swap_into_place(staging, output_dir)
+    reasons = Counter(skipped.values())
+    LOG.info("wrote %d images to %s (%s); skipped %d files: %s", len(rows), output_dir,
+             ", ".join(f"{s} {dataset['counts'][s]['images']}" for s in contract.SPLITS),
+             len(skipped), ", ".join(f"{n} {r}" for r, n in reasons.most_common(6)) or "none")
+    return dataset
 
+
+def _resolve_source(config: PrepareConfig) -> sources.ResolvedSource:
+    return sources.resolve_source(
+        config.source, input_path=config.input_path, kaggle_dataset=config.kaggle_dataset,
+        work_dir=Path(config.work_dir), max_patients=config.max_patients,
+        synthetic_patients=config.synthetic_patients, synthetic_size_px=config.synthetic_size_px,
+        seed=config.seed,
+    )
+
+
+def _find_candidates(config: PrepareConfig, source: sources.ResolvedSource, files: list[Path],
+                     links: list[tuple[Path, str]]) -> tuple[Found, dict[str, str]]:
+    """Candidates from the label source, and a reason per unused file (relative names)."""
+    root = source.root
     skipped: dict[Path, str] = dict(links)
     skipped.update({root / name: f"unsafe archive entry: {why}"
                     for name, why in source.refused_entries})
     found = find_candidates(config, root, files, skipped)
-    candidates = found.candidates
     skipped_rel = {p.relative_to(root).as_posix(): r for p, r in found.skipped.items()}
     if config.pseudonymise:
-        candidates, skipped_rel = pseudonymise(candidates, found.skipped, work_dir, root)
+        candidates, skipped_rel = pseudonymise(found.candidates, found.skipped,
+                                               Path(config.work_dir), root)
+        found = dataclasses.replace(found, candidates=candidates)
+    return found, skipped_rel
 
+
+def _split_and_balance(config: PrepareConfig, candidates: list[Candidate],
+                       skipped: dict[str, str]) -> Selection:
+    """Split patients (label = any cancer sample), then balance; unchosen files get a reason."""
     patient_labels: dict[str, int] = {}
     for candidate in candidates:
         patient_labels[candidate.patient_id] = max(
@@ -163,47 +192,60 @@ def run(config: PrepareConfig) -> dict:
     chosen = {c.key for _, c in selection.samples}
     for candidate in candidates:
         if candidate.key not in chosen:
-            skipped_rel.setdefault(candidate.source_file, "not selected by balancing")
+            skipped.setdefault(candidate.source_file, "not selected by balancing")
+    return selection
 
+
+def _render_settings(config: PrepareConfig, label_source: str) -> RenderSettings:
     center_hu, width_hu = dicom.parse_window(config.window)
-    view = config.view if found.label_source == "lidc_xml" else "slice"
+    view = config.view if label_source == "lidc_xml" else "slice"
     if view != config.view:
         LOG.warning("--view patch needs nodule outlines (LIDC XML): using whole images")
-    settings = RenderSettings(config.image_size_px, center_hu, width_hu, view, config.patch_mm)
-    staging = output_dir.with_name(output_dir.name + ".partial")
+    return RenderSettings(config.image_size_px, center_hu, width_hu, view, config.patch_mm)
+
+
+def _render_all(selection: Selection, settings: RenderSettings, staging: Path, workers: int,
+                skipped: dict[str, str]) -> list[dict]:
+    """Render every selected sample into a fresh ``staging`` folder; manifest rows by path."""
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     jobs = [(split, c, settings, staging) for split, c in selection.samples]
     rows: list[dict] = []
     for (_, candidate, _, _), result in zip(
-        jobs, pool_map(_render_and_write, jobs, config.workers, "render"), strict=True
+        jobs, pool_map(_render_and_write, jobs, workers, "render"), strict=True
     ):
         if isinstance(result, str):
-            skipped_rel[candidate.source_file] = result
+            skipped[candidate.source_file] = result
         else:
             rows.append(result)
     rows.sort(key=lambda r: r["path"])
     for candidate_rel in {r["source_file"] for r in rows}:
-        skipped_rel.pop(candidate_rel, None)
+        skipped.pop(candidate_rel, None)
+    return rows
 
+
+def _describe(config: PrepareConfig, source: sources.ResolvedSource, found: Found,
+              settings: RenderSettings, selection: Selection, rows: list[dict],
+              skipped: dict[str, str], input_hash: str) -> dict:
+    """The content of dataset.json: provenance, rule, rendering, counts, versions, hash."""
     summary = _summary(rows, selection)
     missing = {s: [c for c in ("cancer", "non_cancer") if summary[s][c] == 0]
                for s in contract.SPLITS}
     missing = {s: m for s, m in missing.items() if m}
     if missing:
         LOG.warning("splits missing a class (cohort too small?): %s", missing)
-    reasons = Counter(skipped_rel.values())
-    dataset = {
+    reasons = Counter(skipped.values())
+    return {
         "source": source.description,
         "synthetic": source.kind == "synthetic",
         "label_source": found.label_source,
         "label_rule": {**config.label_rule.to_dict(), "nodules": found.outcomes}
         if found.label_source == "lidc_xml" else None,
         "negative_margin_mm": config.negative_margin_mm,
-        "window": {"center_hu": center_hu, "width_hu": width_hu},
+        "window": {"center_hu": settings.window_center_hu, "width_hu": settings.window_width_hu},
         "image_size": config.image_size_px,
-        "view": view,
-        "patch_mm": config.patch_mm if view == "patch" else None,
+        "view": settings.view,
+        "patch_mm": config.patch_mm if settings.view == "patch" else None,
         "seed": config.seed,
         "split_fractions": dict(zip(contract.SPLITS, config.split_fractions, strict=True)),
         "split_level": "patient",
@@ -213,18 +255,10 @@ def run(config: PrepareConfig) -> dict:
         "n_images": len(rows),
         "splits_missing_class": missing,
         "pseudonymised": config.pseudonymise,
-        "files_skipped": {"total": len(skipped_rel), "by_reason": dict(sorted(reasons.items()))},
+        "files_skipped": {"total": len(skipped), "by_reason": dict(sorted(reasons.items()))},
         "versions": package_versions("numpy", "pydicom", "opencv-python-headless", "pandas"),
         "input_hash": input_hash,
     }
-    contract.write_manifest(staging, rows)
-    contract.write_skipped(staging, skipped_rel)
-    contract.write_dataset_info(staging, dataset)
-    _swap_into_place(staging, output_dir)
-    LOG.info("wrote %d images to %s (%s); skipped %d files: %s", len(rows), output_dir,
-             ", ".join(f"{s} {summary[s]['images']}" for s in contract.SPLITS), len(skipped_rel),
-             ", ".join(f"{n} {r}" for r, n in reasons.most_common(6)) or "none")
-    return dataset
 
 
 def _swap_into_place(staging: Path, output_dir: Path) -> None:

@@ -25,27 +25,5 @@ same parameters reuses it.
 Modules: ``scan`` (acquisition constants, pixel grid, noise, stored values), ``anatomy``
 (chest, lungs, vessels, bones), ``lesions`` (nodule shapes and malignancy), ``readers``
 (simulated radiologists and the LIDC XML), ``files`` (DICOM writing, reuse and clean-up),
-``truth`` (truth.json content) and ``cohort`` (:func:`generate_cohort`).
+``truth`` (truth.json content) and ``cohort`` (:func:`lungct.synthetic.cohort.generate_cohort`).
 """
-
-from lungct.synthetic.cohort import (
-    COHORT_VERSION,
-    DEFAULT_IMAGE_SIZE_PX,
-    DEFAULT_PATIENTS,
-    generate_cohort,
-)
-from lungct.synthetic.lesions import CANCER_FREE_FRACTION
-from lungct.synthetic.scan import FIELD_OF_VIEW_MM, SLICE_THICKNESS_MM, SLICES_PER_PATIENT
-from lungct.synthetic.truth import LABEL_RULE
-
-__all__ = [
-    "CANCER_FREE_FRACTION",
-    "COHORT_VERSION",
-    "DEFAULT_IMAGE_SIZE_PX",
-    "DEFAULT_PATIENTS",
-    "FIELD_OF_VIEW_MM",
-    "LABEL_RULE",
-    "SLICES_PER_PATIENT",
-    "SLICE_THICKNESS_MM",
-    "generate_cohort",
-]

@@ -13,37 +13,42 @@ from tqdm import tqdm
 from lungct.errors import UserError
 from lungct.fileio import atomic_write_bytes, atomic_write_json
 from lungct.synthetic.anatomy import (
-    _render_anatomy,
-    _render_vessels,
-    _sample_anatomy,
-    _sample_vessels,
+    render_anatomy,
+    render_vessels,
+    sample_anatomy,
+    sample_vessels,
 )
-from lungct.synthetic.files import _is_complete, _remove_previous, _series_ids, _write_series
-from lungct.synthetic.lesions import CANCER_FREE_FRACTION, _place_lesions, _render_lesion
+from lungct.synthetic.files import is_complete, remove_previous, series_ids, write_series
+from lungct.synthetic.lesions import CANCER_FREE_FRACTION, place_lesions, render_lesion
 from lungct.synthetic.readers import (
     READERS_PER_SERIES,
-    _read_series,
-    _readings_xml,
-    _sample_readers,
+    read_series,
+    readings_xml,
+    sample_readers,
 )
 from lungct.synthetic.scan import (
     FIELD_OF_VIEW_MM,
     SLICE_THICKNESS_MM,
     SLICES_PER_PATIENT,
-    _add_noise,
-    _geometry,
-    _stored_values,
+    add_noise,
+    make_geometry,
+    stored_values,
 )
 from lungct.synthetic.truth import (
     LABEL_RULE,
     NEGATIVE_MARGIN_MM,
-    _lesion_truth,
-    _reference_points,
-    _slice_classes,
-    _summary,
+    cohort_summary,
+    lesion_truth,
+    reference_points,
+    slice_classes,
 )
 
-__all__ = ["COHORT_VERSION", "DEFAULT_IMAGE_SIZE_PX", "DEFAULT_PATIENTS", "generate_cohort"]
+__all__ = [
+    "COHORT_VERSION",
+    "DEFAULT_IMAGE_SIZE_PX",
+    "DEFAULT_PATIENTS",
+    "generate_cohort",
+]
 
 LOG = logging.getLogger(__name__)
 
@@ -61,22 +66,22 @@ def _patient(out_dir: Path, index: int, params: dict) -> dict:
     rng = np.random.default_rng([params["seed"], index])
     cancer_free = bool(rng.random() < CANCER_FREE_FRACTION)
     patient_id = f"LIDC-IDRI-{9001 + index}"
-    geometry = _geometry(params["image_size_px"], rng)
-    anatomy = _sample_anatomy(geometry, rng)
-    hu, lung = _render_anatomy(geometry, anatomy, rng)
-    vessels = _sample_vessels(geometry, anatomy, rng)
-    _render_vessels(hu, lung, geometry, vessels)
-    lesions = _place_lesions(geometry, anatomy, rng, cancer_free)
-    footprints = [_render_lesion(hu, geometry, lesion) for lesion in lesions]
-    _add_noise(hu, rng)
-    readers = _sample_readers(rng)
-    marks = _read_series(lesions, footprints, readers, geometry, rng)
-    ids = _series_ids(patient_id, params, len(geometry.z_mm), rng)
+    geometry = make_geometry(params["image_size_px"], rng)
+    anatomy = sample_anatomy(geometry, rng)
+    hu, lung = render_anatomy(geometry, anatomy, rng)
+    vessels = sample_vessels(geometry, anatomy, rng)
+    render_vessels(hu, lung, geometry, vessels)
+    lesions = place_lesions(geometry, anatomy, rng, cancer_free)
+    footprints = [render_lesion(hu, geometry, lesion) for lesion in lesions]
+    add_noise(hu, rng)
+    readers = sample_readers(rng)
+    marks = read_series(lesions, footprints, readers, geometry, rng)
+    ids = series_ids(patient_id, params, len(geometry.z_mm), rng)
     series_dir = out_dir / patient_id / ids.study_uid / ids.series_uid
-    _write_series(series_dir, _stored_values(hu), geometry, ids)
+    write_series(series_dir, stored_values(hu), geometry, ids)
     atomic_write_bytes(series_dir / ids.readings_name,
-                       _readings_xml(geometry, ids, readers, marks, lesions))
-    entries = [_lesion_truth(i, lesion, [mark for mark in marks if mark.lesion == i], geometry)
+                       readings_xml(geometry, ids, readers, marks, lesions))
+    entries = [lesion_truth(i, lesion, [mark for mark in marks if mark.lesion == i], geometry)
                for i, lesion in enumerate(lesions)]
     return {
         "patient_id": patient_id, "study_instance_uid": ids.study_uid,
@@ -86,8 +91,8 @@ def _patient(out_dir: Path, index: int, params: dict) -> dict:
         "pixel_spacing_mm": geometry.pixel_spacing_mm, "slice_z_mm": list(geometry.z_mm),
         "readers": [{"reader": r, "servicing_radiologist_id": reader.radiologist_id}
                     for r, reader in enumerate(readers)],
-        "reference_px": _reference_points(geometry, anatomy, vessels, lesions),
-        "lesions": entries, "slices": _slice_classes(geometry, entries, marks),
+        "reference_px": reference_points(geometry, anatomy, vessels, lesions),
+        "lesions": entries, "slices": slice_classes(geometry, entries, marks),
     }
 
 
@@ -141,7 +146,7 @@ def generate_cohort(out_dir: Path, n_patients: int = DEFAULT_PATIENTS,
     _validate(n_patients, image_size_px, seed)
     out_dir = Path(out_dir)
     params = _cohort_params(n_patients, image_size_px, seed)
-    if _is_complete(out_dir, params):
+    if is_complete(out_dir, params):
         LOG.info("reusing the synthetic cohort in %s (%d patients, %d px)", out_dir, n_patients,
                  image_size_px)
         return out_dir
@@ -150,11 +155,11 @@ def generate_cohort(out_dir: Path, n_patients: int = DEFAULT_PATIENTS,
     started = time.perf_counter()
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        _remove_previous(out_dir)
+        remove_previous(out_dir)
         patients = [_patient(out_dir, index, params) for index in
                     tqdm(range(n_patients), desc="synthetic patients", unit="patient",
                          disable=None)]
-        summary = _summary(patients)
+        summary = cohort_summary(patients)
         atomic_write_json(out_dir / "truth.json", {
             "cohort": params, "label_rule": LABEL_RULE,
             "negative_margin_mm": NEGATIVE_MARGIN_MM, "summary": summary, "patients": patients})

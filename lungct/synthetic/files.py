@@ -17,13 +17,19 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from lungct.fileio import atomic_write_bytes
 from lungct.synthetic.scan import (
-    _PIXEL_PADDING_STORED,
-    _RESCALE_INTERCEPT_HU,
+    PIXEL_PADDING_STORED,
+    RESCALE_INTERCEPT_HU,
     SLICE_THICKNESS_MM,
-    _Geometry,
+    Geometry,
 )
 
-__all__: list[str] = []  # internal to lungct.synthetic
+__all__ = [
+    "SeriesIds",
+    "is_complete",
+    "remove_previous",
+    "series_ids",
+    "write_series",
+]
 
 _CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 _PATIENT_DIR = re.compile(r"LIDC-IDRI-9\d{3}")
@@ -31,7 +37,7 @@ _OWN_FILE = re.compile(r"(\.)?(\d{6}\.dcm|\d{3}\.xml)(\.tmp-.*)?")
 
 
 @dataclass(frozen=True)
-class _SeriesIds:
+class SeriesIds:
     patient_id: str
     study_uid: str
     series_uid: str
@@ -42,8 +48,8 @@ class _SeriesIds:
     message_id: int
 
 
-def _series_ids(patient_id: str, params: dict, n_slices: int,
-                rng: np.random.Generator) -> _SeriesIds:
+def series_ids(patient_id: str, params: dict, n_slices: int,
+                rng: np.random.Generator) -> SeriesIds:
     """Deterministic DICOM UIDs (pydicom ``generate_uid`` with entropy sources)."""
     key = ["lungct.synthetic", str(params["version"]), str(params["seed"]),
            str(params["image_size_px"]), patient_id]
@@ -51,12 +57,12 @@ def _series_ids(patient_id: str, params: dict, n_slices: int,
     def uid(*parts: object) -> str:
         return generate_uid(entropy_srcs=[*key, *map(str, parts)])
 
-    return _SeriesIds(patient_id, uid("study"), uid("series"), uid("frame"),
+    return SeriesIds(patient_id, uid("study"), uid("series"), uid("frame"),
                       tuple(uid("sop", k) for k in range(n_slices)), uid("readings"),
                       f"{int(rng.integers(1, 1000)):03d}.xml", int(rng.integers(-2 ** 31, 2 ** 31)))
 
 
-def _slice_template(geometry: _Geometry, ids: _SeriesIds) -> Dataset:
+def _slice_template(geometry: Geometry, ids: SeriesIds) -> Dataset:
     """The attributes shared by every slice of a series (CT Image Storage)."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = _CT_IMAGE_STORAGE
@@ -84,15 +90,15 @@ def _slice_template(geometry: _Geometry, ids: _SeriesIds) -> Dataset:
     ds.BitsAllocated = ds.BitsStored = 16
     ds.HighBit = 15
     ds.PixelRepresentation = 1  # signed: the padding value is negative
-    ds.PixelPaddingValue = _PIXEL_PADDING_STORED
+    ds.PixelPaddingValue = PIXEL_PADDING_STORED
     ds.WindowCenter, ds.WindowWidth = -600, 1500  # lung window
-    ds.RescaleIntercept = _RESCALE_INTERCEPT_HU
+    ds.RescaleIntercept = RESCALE_INTERCEPT_HU
     ds.RescaleSlope = 1
     return ds
 
 
-def _write_series(series_dir: Path, stored: np.ndarray, geometry: _Geometry,
-                  ids: _SeriesIds) -> None:
+def write_series(series_dir: Path, stored: np.ndarray, geometry: Geometry,
+                  ids: SeriesIds) -> None:
     """One DICOM file per slice, ``000001.dcm`` = InstanceNumber 1 = highest z."""
     ds = _slice_template(geometry, ids)
     for k, z in enumerate(geometry.z_mm):
@@ -111,14 +117,14 @@ def _write_series(series_dir: Path, stored: np.ndarray, geometry: _Geometry,
             ds = pydicom.dcmread(io.BytesIO(buffer.getvalue()))
 
 
-def _is_complete(out_dir: Path, params: dict) -> bool:
+def is_complete(out_dir: Path, params: dict) -> bool:
     try:
         return json.loads((out_dir / "cohort.json").read_text(encoding="utf-8")) == params
     except (OSError, ValueError):
         return False
 
 
-def _remove_previous(out_dir: Path) -> None:
+def remove_previous(out_dir: Path) -> None:
     """Delete what an earlier generation wrote (only this module's file names), marker first."""
     for name in ("cohort.json", "truth.json"):
         (out_dir / name).unlink(missing_ok=True)

@@ -11,10 +11,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lungct.synthetic.anatomy import _LUNG_BASE_HU, _Anatomy, _blend, _soft, _span
-from lungct.synthetic.scan import _Geometry
+from lungct.synthetic.anatomy import LUNG_BASE_HU, Anatomy, blend, soft_edge, span
+from lungct.synthetic.scan import Geometry
 
-__all__ = ["BENIGN_MAX_SHAPE_SCORE", "CANCER_FREE_FRACTION"]
+__all__ = [
+    "BENIGN_MAX_SHAPE_SCORE",
+    "CANCER_FREE_FRACTION",
+    "Footprint",
+    "Lesion",
+    "place_lesions",
+    "render_lesion",
+]
 
 LOG = logging.getLogger(__name__)
 
@@ -28,7 +35,7 @@ BENIGN_MAX_SHAPE_SCORE = 1.5
 
 
 @dataclass(frozen=True, eq=False)
-class _Lesion:
+class Lesion:
     """True parameters of one lesion: a nodule, a nodule < 3 mm or a non-nodule (a scar)."""
 
     kind: str  # "nodule" (>= 3 mm), "small_nodule" (< 3 mm) or "non_nodule"
@@ -144,7 +151,7 @@ def _benign_shape(diameter_mm: float, rng: np.random.Generator
 
 
 def _sample_nodule(centre_mm: tuple[float, float, float], diameter_mm: float,
-                   rng: np.random.Generator, benign: bool = False) -> _Lesion:
+                   rng: np.random.Generator, benign: bool = False) -> Lesion:
     """Shape, texture and latent malignancy of a nodule >= 3 mm (a benign-end shape if
     ``benign``: the nodules of a cancer-free patient)."""
     texture, calcified, spiculation, lobulation = (
@@ -153,7 +160,7 @@ def _sample_nodule(centre_mm: tuple[float, float, float], diameter_mm: float,
     spikes = int(round(20 * spiculation))
     calcification = ("central" if rng.random() < 0.6 else "solid") if calcified else "absent"
     cavitated = texture == "solid" and not calcified and diameter_mm >= 12 and rng.random() < 0.12
-    return _Lesion(
+    return Lesion(
         kind="nodule", centre_mm=centre_mm, diameter_mm=diameter_mm,
         axes=_axes(rng.uniform(0.6, 1.0)), rotation=_random_rotation(rng), texture=texture,
         solid_fraction={"solid": 1.0, "part_solid": rng.uniform(0.35, 0.65),
@@ -174,18 +181,18 @@ def _sample_nodule(centre_mm: tuple[float, float, float], diameter_mm: float,
 
 
 def _sample_minor(kind: str, centre_mm: tuple[float, float, float], diameter_mm: float,
-                  rng: np.random.Generator) -> _Lesion:
+                  rng: np.random.Generator) -> Lesion:
     """A nodule < 3 mm (a round dot) or a non-nodule (a flat scar of -150..-20 HU)."""
     if kind == "small_nodule":
-        return _Lesion(kind, centre_mm, diameter_mm, (1.0, 1.0, 1.0), np.eye(3),
+        return Lesion(kind, centre_mm, diameter_mm, (1.0, 1.0, 1.0), np.eye(3),
                        tissue_hu=rng.uniform(20, 60))
     flat = rng.uniform(0.12, 0.2)
-    return _Lesion(kind, centre_mm, diameter_mm, (1 / math.sqrt(flat), 1.0, math.sqrt(flat)),
+    return Lesion(kind, centre_mm, diameter_mm, (1 / math.sqrt(flat), 1.0, math.sqrt(flat)),
                    _random_rotation(rng), tissue_hu=rng.uniform(-150, -20))
 
 
 @dataclass(frozen=True, eq=False)
-class _Footprint:
+class Footprint:
     """Where a rendered lesion lies: a box of the volume and its occupancy (0..1) in it."""
 
     start: tuple[int, int, int]  # first slice, row, column of the box
@@ -193,7 +200,7 @@ class _Footprint:
     cavity: np.ndarray | None  # occupancy of the air cavity, if any
 
 
-def _render_lesion(hu: np.ndarray, geometry: _Geometry, lesion: _Lesion) -> _Footprint:
+def render_lesion(hu: np.ndarray, geometry: Geometry, lesion: Lesion) -> Footprint:
     """Render ``lesion`` into ``hu`` in 3D with partial-volume edges; return its footprint."""
     spacing = geometry.pixel_spacing_mm
     reach = lesion.extent_mm + 2 * spacing
@@ -202,7 +209,7 @@ def _render_lesion(hu: np.ndarray, geometry: _Geometry, lesion: _Lesion) -> _Foo
     ks = np.nonzero(np.abs(z - cz) <= reach)[0]
     if ks.size == 0:
         ks = np.array([geometry.slice_of(cz)])
-    rows, cols = _span(geometry, cy - reach, cy + reach), _span(geometry, cx - reach, cx + reach)
+    rows, cols = span(geometry, cy - reach, cy + reach), span(geometry, cx - reach, cx + reach)
     axis = geometry.axis_mm
     offsets = (np.broadcast_to(axis[None, None, cols] - cx, (ks.size, rows.stop - rows.start,
                                                             cols.stop - cols.start)),
@@ -212,12 +219,12 @@ def _render_lesion(hu: np.ndarray, geometry: _Geometry, lesion: _Lesion) -> _Foo
     _fill_lesion(region, lesion, occupancy, distance, shape_radius, spacing)
     cavity = None
     if lesion.cavity_radius_mm > 0:
-        cavity = _soft(distance - lesion.cavity_radius_mm, spacing)
-        _blend(region, cavity, -960.0)
-    return _Footprint((int(ks[0]), rows.start, cols.start), occupancy, cavity)
+        cavity = soft_edge(distance - lesion.cavity_radius_mm, spacing)
+        blend(region, cavity, -960.0)
+    return Footprint((int(ks[0]), rows.start, cols.start), occupancy, cavity)
 
 
-def _lesion_occupancy(lesion: _Lesion, offsets: tuple[np.ndarray, ...], spacing_mm: float
+def _lesion_occupancy(lesion: Lesion, offsets: tuple[np.ndarray, ...], spacing_mm: float
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Occupancy, distance from the centre (ellipsoid-normalised mm) and surface radius."""
     rotated = [sum(lesion.rotation[i, j] * offsets[j] for j in range(3)) / lesion.axes[i]
@@ -232,7 +239,7 @@ def _lesion_occupancy(lesion: _Lesion, offsets: tuple[np.ndarray, ...], spacing_
         radius = radius * (1.0 + _LOBE_AMPLITUDE * lesion.lobulation
                            * (bumps - len(lesion.lobe_dirs) / 10))
     edge = spacing_mm * (2.5 if lesion.texture == "ground_glass" else 1.0)
-    occupancy = _soft(distance - radius, edge)
+    occupancy = soft_edge(distance - radius, edge)
     if lesion.spicule_dirs is not None and len(lesion.spicule_dirs):
         spread2 = offsets[0] ** 2 + offsets[1] ** 2 + offsets[2] ** 2
         for direction, length in zip(lesion.spicule_dirs, lesion.spicule_lengths_mm,
@@ -243,29 +250,29 @@ def _lesion_occupancy(lesion: _Lesion, offsets: tuple[np.ndarray, ...], spacing_
             taper = 1.0 - (along - start) / (lesion.radius_mm + length - start)
             half_width = np.where((along > start) & (taper > 0),
                                   1.2 * np.sqrt(np.maximum(taper, 0.0)), -spacing_mm)
-            np.maximum(occupancy, _soft(across - half_width, spacing_mm), out=occupancy)
+            np.maximum(occupancy, soft_edge(across - half_width, spacing_mm), out=occupancy)
     return occupancy.astype(np.float32), distance, radius
 
 
-def _fill_lesion(region: np.ndarray, lesion: _Lesion, occupancy: np.ndarray,
+def _fill_lesion(region: np.ndarray, lesion: Lesion, occupancy: np.ndarray,
                  distance: np.ndarray, radius: np.ndarray, spacing_mm: float) -> None:
     """Mix the lesion's tissues into the HU ``region``: halo, solid core, calcium."""
     if lesion.texture in ("ground_glass", "part_solid"):
         # Ground glass keeps part of the lung texture underneath (hazy, -600..-300 HU).
-        target = lesion.tissue_hu + 0.6 * np.clip(region - _LUNG_BASE_HU, -80.0, 80.0)
+        target = lesion.tissue_hu + 0.6 * np.clip(region - LUNG_BASE_HU, -80.0, 80.0)
     else:
         target = np.float32(lesion.tissue_hu)
     region += occupancy * np.maximum(target - region, 0.0)
     if lesion.texture == "part_solid":
-        core = _soft(distance - lesion.solid_fraction * radius, spacing_mm)
+        core = soft_edge(distance - lesion.solid_fraction * radius, spacing_mm)
         region += core * np.maximum(lesion.core_hu - region, 0.0)
     if lesion.calcium_fraction > 0:
-        calcium = _soft(distance - lesion.calcium_fraction * radius, spacing_mm) * occupancy
-        _blend(region, calcium, lesion.calcium_hu)
+        calcium = soft_edge(distance - lesion.calcium_fraction * radius, spacing_mm) * occupancy
+        blend(region, calcium, lesion.calcium_hu)
 
 
-def _free_spot(lesion: _Lesion, placed: list[_Lesion], geometry: _Geometry,
-               anatomy: _Anatomy, rng: np.random.Generator) -> tuple[float, float, float] | None:
+def _free_spot(lesion: Lesion, placed: list[Lesion], geometry: Geometry,
+               anatomy: Anatomy, rng: np.random.Generator) -> tuple[float, float, float] | None:
     """A centre that keeps ``lesion`` inside one lung and apart from ``placed``; None if none."""
     body_mm = lesion.radius_mm * max(lesion.axes) * (1.0 + _LOBE_AMPLITUDE * lesion.lobulation)
     top, bottom = geometry.z_mm[0] - body_mm - 1, geometry.z_mm[-1] + body_mm + 1
@@ -285,8 +292,8 @@ def _free_spot(lesion: _Lesion, placed: list[_Lesion], geometry: _Geometry,
     return None
 
 
-def _place_lesions(geometry: _Geometry, anatomy: _Anatomy, rng: np.random.Generator,
-                   cancer_free: bool) -> list[_Lesion]:
+def place_lesions(geometry: Geometry, anatomy: Anatomy, rng: np.random.Generator,
+                   cancer_free: bool) -> list[Lesion]:
     """5-8 nodules >= 3 mm (benign-end shapes if ``cancer_free``), 0-2 nodules < 3 mm and 0-1
     non-nodule inside the lungs."""
     drafts = [_sample_nodule((0.0, 0.0, 0.0), 3.0 + 27.0 * rng.beta(1.4, 1.9), rng,
@@ -296,7 +303,7 @@ def _place_lesions(geometry: _Geometry, anatomy: _Anatomy, rng: np.random.Genera
                for _ in range(int(rng.integers(0, 3)))]
     drafts += [_sample_minor("non_nodule", (0.0, 0.0, 0.0), rng.uniform(6.0, 12.0), rng)
                for _ in range(int(rng.integers(0, 2)))]
-    placed: list[_Lesion] = []
+    placed: list[Lesion] = []
     for draft in drafts:
         spot = _free_spot(draft, placed, geometry, anatomy, rng)
         if spot is None:

@@ -10,11 +10,17 @@ from xml.sax.saxutils import escape, quoteattr
 import cv2
 import numpy as np
 
-from lungct.synthetic.files import _SeriesIds
-from lungct.synthetic.lesions import _Footprint, _Lesion
-from lungct.synthetic.scan import _Geometry
+from lungct.synthetic.files import SeriesIds
+from lungct.synthetic.lesions import Footprint, Lesion
+from lungct.synthetic.scan import Geometry
 
-__all__ = ["READERS_PER_SERIES"]
+__all__ = [
+    "Mark",
+    "READERS_PER_SERIES",
+    "read_series",
+    "readings_xml",
+    "sample_readers",
+]
 
 READERS_PER_SERIES = 4
 _LIDC_NAMESPACE = "http://www.nih.gov"
@@ -47,7 +53,7 @@ class _Roi:
 
 
 @dataclass(frozen=True)
-class _Mark:
+class Mark:
     """What one reader recorded about one lesion."""
 
     reader: int
@@ -57,7 +63,7 @@ class _Mark:
     mark_id: str = ""
 
 
-def _sample_readers(rng: np.random.Generator) -> list[_Reader]:
+def sample_readers(rng: np.random.Generator) -> list[_Reader]:
     styles = rng.permutation(len(_ID_STYLES))
     return [_Reader(radiologist_id=str(rng.integers(10 ** 8, 10 ** 9)),
                     id_style=_ID_STYLES[styles[r]], first_id=int(rng.integers(1, 5000)),
@@ -66,7 +72,7 @@ def _sample_readers(rng: np.random.Generator) -> list[_Reader]:
             for r in range(READERS_PER_SERIES)]
 
 
-def _true_characteristics(lesion: _Lesion) -> dict[str, float]:
+def _true_characteristics(lesion: Lesion) -> dict[str, float]:
     """Noise-free ratings of the continuous LIDC characteristics on their 1-5 scales."""
     ground_glass = lesion.texture == "ground_glass"
     part_solid = lesion.texture == "part_solid"
@@ -83,7 +89,7 @@ def _true_characteristics(lesion: _Lesion) -> dict[str, float]:
     }
 
 
-def _rate(lesion: _Lesion, reader: _Reader, rng: np.random.Generator) -> dict[str, int]:
+def _rate(lesion: Lesion, reader: _Reader, rng: np.random.Generator) -> dict[str, int]:
     """One reader's nine ratings: truth + reader bias + noise, rounded into the LIDC ranges.
 
     calcification: 6 absent, 5 central, 3 solid (LIDC codes); internalStructure 4 = air.
@@ -113,7 +119,7 @@ def _largest_contour(mask: np.ndarray) -> np.ndarray | None:
     return best[:, 0, :].astype(np.int32)
 
 
-def _outline(footprint: _Footprint, lesion: _Lesion, reader: _Reader, geometry: _Geometry,
+def _outline(footprint: Footprint, lesion: Lesion, reader: _Reader, geometry: Geometry,
              rng: np.random.Generator) -> tuple[_Roi, ...]:
     """A reader's outline on every slice: own threshold, sometimes one pixel wider/narrower."""
     threshold = float(np.clip(reader.threshold + rng.normal(0.0, 0.06), 0.25, 0.75))
@@ -137,7 +143,7 @@ def _outline(footprint: _Footprint, lesion: _Lesion, reader: _Reader, geometry: 
     return tuple(rois) or (_point_roi(lesion, geometry, rng),)
 
 
-def _point_roi(lesion: _Lesion, geometry: _Geometry, rng: np.random.Generator) -> _Roi:
+def _point_roi(lesion: Lesion, geometry: Geometry, rng: np.random.Generator) -> _Roi:
     """One point near the centre of ``lesion`` (small nodules, non-nodules)."""
     x, y, z = lesion.centre_mm
     k = int(np.clip(geometry.slice_of(z) + (rng.integers(-1, 2) if rng.random() < 0.2 else 0),
@@ -147,8 +153,8 @@ def _point_roi(lesion: _Lesion, geometry: _Geometry, rng: np.random.Generator) -
     return _Roi(k, True, np.array([[col, row]], dtype=np.int32))
 
 
-def _read_lesion(reader: _Reader, lesion: _Lesion, footprint: _Footprint,
-                 geometry: _Geometry, rng: np.random.Generator
+def _read_lesion(reader: _Reader, lesion: Lesion, footprint: Footprint,
+                 geometry: Geometry, rng: np.random.Generator
                  ) -> tuple[dict[str, int] | None, tuple[_Roi, ...]]:
     """(characteristics, rois) of one reader's mark of ``lesion``, or (None, ()) if unmarked."""
     if lesion.kind != "nodule":
@@ -160,8 +166,8 @@ def _read_lesion(reader: _Reader, lesion: _Lesion, footprint: _Footprint,
     return _rate(lesion, reader, rng), _outline(footprint, lesion, reader, geometry, rng)
 
 
-def _read_series(lesions: list[_Lesion], footprints: list[_Footprint], readers: list[_Reader],
-                 geometry: _Geometry, rng: np.random.Generator) -> list[_Mark]:
+def read_series(lesions: list[Lesion], footprints: list[Footprint], readers: list[_Reader],
+                 geometry: Geometry, rng: np.random.Generator) -> list[Mark]:
     """Every reader's marks, each reader's ids numbered in that reader's own order."""
     marks = []
     for r, reader in enumerate(readers):
@@ -169,7 +175,7 @@ def _read_series(lesions: list[_Lesion], footprints: list[_Footprint], readers: 
         for index, (lesion, footprint) in enumerate(zip(lesions, footprints, strict=True)):
             characteristics, rois = _read_lesion(reader, lesion, footprint, geometry, rng)
             if rois:
-                own.append(_Mark(r, index, characteristics, rois))
+                own.append(Mark(r, index, characteristics, rois))
         for number, j in enumerate(rng.permutation(len(own))):
             marks.append(dataclasses.replace(
                 own[j], mark_id=reader.id_style.format(reader.first_id + number)))
@@ -180,8 +186,8 @@ def _leaf(depth: int, tag: str, text: object) -> str:
     return f"{'  ' * depth}<{tag}>{escape(str(text))}</{tag}>"
 
 
-def _readings_xml(geometry: _Geometry, ids: _SeriesIds, readers: list[_Reader],
-                  marks: list[_Mark], lesions: list[_Lesion]) -> bytes:
+def readings_xml(geometry: Geometry, ids: SeriesIds, readers: list[_Reader],
+                  marks: list[Mark], lesions: list[Lesion]) -> bytes:
     """The series' LIDC XML: ``LidcReadMessage`` with one ``readingSession`` per reader.
 
     Written as text (ElementTree's serialiser is ~10x slower on thousands of edge points);
@@ -213,7 +219,7 @@ def _readings_xml(geometry: _Geometry, ids: _SeriesIds, readers: list[_Reader],
     return "\n".join(lines).encode("utf-8")
 
 
-def _nodule_lines(mark: _Mark, geometry: _Geometry, ids: _SeriesIds) -> list[str]:
+def _nodule_lines(mark: Mark, geometry: Geometry, ids: SeriesIds) -> list[str]:
     """``unblindedReadNodule``: noduleID, characteristics (>= 3 mm only), one roi per slice."""
     lines = ["    <unblindedReadNodule>", _leaf(3, "noduleID", mark.mark_id)]
     if mark.characteristics is not None:
@@ -233,7 +239,7 @@ def _nodule_lines(mark: _Mark, geometry: _Geometry, ids: _SeriesIds) -> list[str
     return lines
 
 
-def _non_nodule_lines(mark: _Mark, geometry: _Geometry, ids: _SeriesIds) -> list[str]:
+def _non_nodule_lines(mark: Mark, geometry: Geometry, ids: SeriesIds) -> list[str]:
     """``nonNodule``: nonNoduleID, imageZposition, imageSOP_UID and one locus point."""
     (roi,) = mark.rois
     col, row = roi.points_xy[0].tolist()

@@ -8,19 +8,29 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["FIELD_OF_VIEW_MM", "SLICES_PER_PATIENT", "SLICE_THICKNESS_MM"]
+__all__ = [
+    "FIELD_OF_VIEW_MM",
+    "Geometry",
+    "PIXEL_PADDING_STORED",
+    "RESCALE_INTERCEPT_HU",
+    "SLICES_PER_PATIENT",
+    "SLICE_THICKNESS_MM",
+    "add_noise",
+    "make_geometry",
+    "stored_values",
+]
 
 FIELD_OF_VIEW_MM = 350.0  # reconstruction diameter; pixel spacing = FOV / image size
 SLICE_THICKNESS_MM = 2.5  # = slice spacing; LUNA16 keeps LIDC scans of <= 2.5 mm
 SLICES_PER_PATIENT = 52  # a 130 mm slab of the mid chest
 
-_RESCALE_INTERCEPT_HU = -1024
-_PIXEL_PADDING_STORED = -2000  # about -3024 HU, as in LIDC-IDRI
+RESCALE_INTERCEPT_HU = -1024
+PIXEL_PADDING_STORED = -2000  # about -3024 HU, as in LIDC-IDRI
 _MAX_HU = 3071
 
 
 @dataclass(frozen=True)
-class _Geometry:
+class Geometry:
     """Pixel grid of one series: square slices, z decreasing with InstanceNumber."""
 
     image_size_px: int
@@ -43,15 +53,15 @@ class _Geometry:
         return int(np.argmin(np.abs(np.asarray(self.z_mm) - z_mm)))
 
 
-def _geometry(image_size_px: int, rng: np.random.Generator) -> _Geometry:
+def make_geometry(image_size_px: int, rng: np.random.Generator) -> Geometry:
     spacing_mm = round(FIELD_OF_VIEW_MM / image_size_px, 6)
     origin_mm = round(-(image_size_px - 1) / 2 * spacing_mm, 4)
     top_z_mm = -60.0 - 0.5 * int(rng.integers(0, 160))
     z_mm = tuple(top_z_mm - SLICE_THICKNESS_MM * k for k in range(SLICES_PER_PATIENT))
-    return _Geometry(image_size_px, spacing_mm, origin_mm, z_mm)
+    return Geometry(image_size_px, spacing_mm, origin_mm, z_mm)
 
 
-def _add_noise(hu: np.ndarray, rng: np.random.Generator, sd_hu: float = 12.0) -> None:
+def add_noise(hu: np.ndarray, rng: np.random.Generator, sd_hu: float = 12.0) -> None:
     """Add quantum noise (sd 12 HU): every slice gets a randomly shifted crop of one of eight
     white-noise slices, ten times cheaper than fresh noise per voxel."""
     slices, rows, cols = hu.shape
@@ -62,15 +72,15 @@ def _add_noise(hu: np.ndarray, rng: np.random.Generator, sd_hu: float = 12.0) ->
         hu[k] += bank[picks[k], dy:dy + rows, dx:dx + cols]
 
 
-def _stored_values(hu: np.ndarray) -> np.ndarray:
+def stored_values(hu: np.ndarray) -> np.ndarray:
     """Stored int16 values: HU - (0028,1052) Rescale Intercept, padding outside the scan circle.
 
     Consumes ``hu`` (rounded in place).
     """
-    np.clip(hu, _RESCALE_INTERCEPT_HU, _MAX_HU, out=hu)
-    hu -= _RESCALE_INTERCEPT_HU - 0.5  # non-negative now: truncation rounds half up
+    np.clip(hu, RESCALE_INTERCEPT_HU, _MAX_HU, out=hu)
+    hu -= RESCALE_INTERCEPT_HU - 0.5  # non-negative now: truncation rounds half up
     stored = hu.astype("<i2")
     size = hu.shape[-1]
     axis = np.arange(size) - (size - 1) / 2
-    stored[:, axis[:, None] ** 2 + axis[None, :] ** 2 > (size / 2) ** 2] = _PIXEL_PADDING_STORED
+    stored[:, axis[:, None] ** 2 + axis[None, :] ** 2 > (size / 2) ** 2] = PIXEL_PADDING_STORED
     return stored

@@ -10,22 +10,29 @@ import statistics
 
 import numpy as np
 
-from lungct.synthetic.anatomy import _Anatomy, _Vessel, _vessel_section
-from lungct.synthetic.lesions import _Lesion
-from lungct.synthetic.readers import _Mark
-from lungct.synthetic.scan import _Geometry
+from lungct.synthetic.anatomy import Anatomy, Vessel, vessel_section
+from lungct.synthetic.lesions import Lesion
+from lungct.synthetic.readers import Mark
+from lungct.synthetic.scan import Geometry
 
-__all__ = ["LABEL_RULE", "NEGATIVE_MARGIN_MM"]
+__all__ = [
+    "LABEL_RULE",
+    "NEGATIVE_MARGIN_MM",
+    "cohort_summary",
+    "lesion_truth",
+    "reference_points",
+    "slice_classes",
+]
 
 LOG = logging.getLogger(__name__)
 
-#: The default consensus rule, recorded with the labels in truth.json (docs/architecture.md, labels).
+#: The default consensus rule, recorded with the labels in truth.json (docs/lidc_format.md).
 LABEL_RULE = {"rating": "malignancy", "aggregate": "median", "cancer_at_least": 4,
               "non_cancer_at_most": 2, "min_readers": 1}
 NEGATIVE_MARGIN_MM = 10.0  # no-finding slices: at least this far in z from every mark
 
 
-def _consensus(lesion_marks: list[_Mark]) -> tuple[float | None, str]:
+def _consensus(lesion_marks: list[Mark]) -> tuple[float | None, str]:
     """Median malignancy of the readers who rated the nodule, and its label (LABEL_RULE)."""
     ratings = [mark.characteristics["malignancy"] for mark in lesion_marks
                if mark.characteristics is not None]
@@ -37,7 +44,7 @@ def _consensus(lesion_marks: list[_Mark]) -> tuple[float | None, str]:
     return median, "non_cancer" if median <= LABEL_RULE["non_cancer_at_most"] else "excluded"
 
 
-def _consensus_slices(lesion_marks: list[_Mark]) -> list[int]:
+def _consensus_slices(lesion_marks: list[Mark]) -> list[int]:
     """Slices outlined by at least half of the readers who outlined the nodule."""
     outliners = [mark for mark in lesion_marks if mark.characteristics is not None]
     counts: dict[int, int] = {}
@@ -47,8 +54,8 @@ def _consensus_slices(lesion_marks: list[_Mark]) -> list[int]:
     return sorted(k for k, count in counts.items() if 2 * count >= len(outliners))
 
 
-def _lesion_truth(index: int, lesion: _Lesion, lesion_marks: list[_Mark],
-                  geometry: _Geometry) -> dict:
+def lesion_truth(index: int, lesion: Lesion, lesion_marks: list[Mark],
+                  geometry: Geometry) -> dict:
     x, y, z = lesion.centre_mm
     entry = {
         "index": index, "kind": lesion.kind, "diameter_mm": round(lesion.diameter_mm, 3),
@@ -77,11 +84,11 @@ def _lesion_truth(index: int, lesion: _Lesion, lesion_marks: list[_Mark],
     return entry
 
 
-def _clear_lung_point(geometry: _Geometry, anatomy: _Anatomy, vessels: list[_Vessel],
-                      lesions: list[_Lesion], k: int) -> tuple[float, float]:
+def _clear_lung_point(geometry: Geometry, anatomy: Anatomy, vessels: list[Vessel],
+                      lesions: list[Lesion], k: int) -> tuple[float, float]:
     """A lung point on slice ``k`` clear of vessels and lesions (reference for lung HU)."""
     z = geometry.z_mm[k]
-    sections = [s for s in (_vessel_section(v, z) for v in vessels) if s is not None]
+    sections = [s for s in (vessel_section(v, z) for v in vessels) if s is not None]
     for rho in (0.5, 0.35, 0.65, 0.2, 0.8):
         for angle in np.linspace(0, 2 * np.pi, 12, endpoint=False):
             for side in (0, 1):
@@ -96,8 +103,8 @@ def _clear_lung_point(geometry: _Geometry, anatomy: _Anatomy, vessels: list[_Ves
     return anatomy.lung_cx_mm[0], anatomy.lung_cy_mm
 
 
-def _reference_points(geometry: _Geometry, anatomy: _Anatomy, vessels: list[_Vessel],
-                      lesions: list[_Lesion]) -> dict[str, dict[str, int]]:
+def reference_points(geometry: Geometry, anatomy: Anatomy, vessels: list[Vessel],
+                      lesions: list[Lesion]) -> dict[str, dict[str, int]]:
     """Pixels known to hold air, lung parenchyma, soft tissue (heart) and bone (vertebra)."""
     mid, last = len(geometry.z_mm) // 2, len(geometry.z_mm) - 1
     scan_radius_mm = geometry.image_size_px / 2 * geometry.pixel_spacing_mm
@@ -111,7 +118,7 @@ def _reference_points(geometry: _Geometry, anatomy: _Anatomy, vessels: list[_Ves
                    "col": round(geometry.to_px(x))} for name, (k, x, y) in points.items()}
 
 
-def _slice_classes(geometry: _Geometry, entries: list[dict], marks: list[_Mark]
+def slice_classes(geometry: Geometry, entries: list[dict], marks: list[Mark]
                    ) -> dict[str, list[int]]:
     """Slice indices per class under LABEL_RULE: cancer, benign nodule, no finding."""
     def outlined(label: str) -> set[int]:
@@ -126,7 +133,7 @@ def _slice_classes(geometry: _Geometry, entries: list[dict], marks: list[_Mark]
             "no_finding": no_finding}
 
 
-def _summary(patients: list[dict], max_per_patient: int = 20) -> dict:
+def cohort_summary(patients: list[dict], max_per_patient: int = 20) -> dict:
     """Counts of nodules per outcome and of slices per class, also capped per patient (the
     demo's ``--max-per-patient``); negative = benign nodule or no finding."""
     nodules = [lesion for patient in patients for lesion in patient["lesions"]
