@@ -2,7 +2,7 @@
 """Stage 1: turn lung CT DICOM (local, Kaggle or synthetic) into a balanced PNG dataset.
 
 Labels come from the radiologists' LIDC XML readings (or a --labels CSV, or class-named
-folders); the split is by patient. See README.md for the on-disk contract.
+folders); the split is by patient. docs/formats.md describes the files.
 """
 
 from lungct.prepare.cli import main

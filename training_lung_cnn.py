@@ -3,7 +3,7 @@
 
 Selects the model with the highest validation AUC, chooses the decision threshold on
 validation (Youden's J) and writes lung_cancer_cnn_enhanced.h5 / .keras, runs/<model>/ and
-training_results.json. See README.md.
+training_results.json. docs/formats.md describes the files.
 """
 
 from lungct.train.cli import main

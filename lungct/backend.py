@@ -9,11 +9,12 @@ gradient of a logit with respect to an intermediate feature map (Grad-CAM, Selva
 from __future__ import annotations
 
 import logging
-import platform
 from collections.abc import Callable
 
 import keras
 import numpy as np
+
+from lungct.environment import package_versions
 
 __all__ = [
     "accelerator_kind",
@@ -22,7 +23,6 @@ __all__ = [
     "environment",
     "is_out_of_memory",
     "list_devices",
-    "logit_and_feature_grads",
     "make_logit_and_feature_grads",
     "supports_bf16",
     "training_jit_compile",
@@ -127,12 +127,9 @@ def is_out_of_memory(error: BaseException) -> bool:
 
 
 def environment() -> dict[str, object]:
-    """Library versions, backend and devices, for the results file."""
+    """Python, platform, lungct, Keras and NumPy versions, the backend and its devices."""
     return {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "keras": keras.__version__,
-        "numpy": np.__version__,
+        **package_versions("keras", "numpy"),
         "backend": backend_name(),
         "backend_version": backend_version(),
         "devices": list_devices(),
@@ -157,13 +154,6 @@ def make_logit_and_feature_grads(
     if backend_name() == "jax":
         return _jax_grad_function(feature_model, head_model)
     return _tensorflow_grad_function(feature_model, head_model)
-
-
-def logit_and_feature_grads(
-    feature_model: keras.Model, head_model: keras.Model, images: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One-off form of :func:`make_logit_and_feature_grads` (traces on every call)."""
-    return make_logit_and_feature_grads(feature_model, head_model)(images)
 
 
 def _as_numpy(*tensors) -> tuple[np.ndarray, ...]:

@@ -36,7 +36,6 @@ __all__ = [
     "TargetLayer",
     "CamResult",
     "GradCam",
-    "grad_cam",
     "class_activation_maps",
     "upsample_and_normalise",
     "convolutional_layer_names",
@@ -302,17 +301,3 @@ class GradCam:
         if not maps:
             return CamResult(np.zeros((0, height, width), np.float32), np.zeros(0, np.float32))
         return CamResult(np.concatenate(maps), np.concatenate(logits).astype(np.float32))
-
-
-def grad_cam(model: keras.Model, images: np.ndarray, layer_name: str | None = None,
-             target: str = "positive", method: str = "gradcam") -> np.ndarray:
-    """Grad-CAM maps of ``images`` for ``model``: (N, H, W) float32 in [0, 1].
-
-    Args:
-        model: classifier with a uint8 (H, W, 1) input and a ``logit`` layer.
-        images: uint8 (N, H, W, 1) or (N, H, W).
-        layer_name: explained layer; None for the output of the last convolutional block.
-        target: ``positive`` (the cancer logit) or ``negative`` (its negation).
-        method: ``gradcam`` or ``gradcam++``.
-    """
-    return GradCam(model, layer_name, method).explain(images, target).maps

@@ -141,3 +141,16 @@ def test_no_re_export_facades() -> None:
                 offenders += [f"{path.relative_to(REPO)}: {name}" for name in listed
                               if name in imported]
     assert not offenders, f"names re-exported from other modules: {offenders}"
+
+
+def test_no_import_cycles() -> None:
+    """No lungct module reaches itself through its imports (grimp, import-linter's graph)."""
+    grimp = pytest.importorskip("grimp")
+    graph = grimp.build_graph("lungct")
+    cycles = []
+    for importer in sorted(graph.modules):
+        for imported in sorted(graph.find_modules_directly_imported_by(importer)):
+            back = graph.find_shortest_chain(importer=imported, imported=importer)
+            if back:
+                cycles.append(" -> ".join((importer, *back)))
+    assert not cycles, f"import cycles: {cycles}"

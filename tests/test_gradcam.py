@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from interpret_fixtures import gap_model, make_baseline_model, resnet_like_model, vgg_like_model
 
-from lungct.gradcam import GradCam, grad_cam, resolve_target_layer
+from lungct.gradcam import GradCam, resolve_target_layer
 from lungct.interpret.cam_checks import (
     dilation_radius_px,
     energy_in_masks,
@@ -26,6 +26,11 @@ from lungct.interpret.cam_checks import (
 
 SIZE = 32
 REPO = Path(__file__).resolve().parents[1]
+
+
+def grad_cam(model, images, layer_name=None, target="positive", method="gradcam"):
+    """Maps of ``images`` through a fresh :class:`GradCam` (one-off use, as the tests need)."""
+    return GradCam(model, layer_name, method).explain(images, target).maps
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn.linear_model import LogisticRegression
 
-from lungct.threshold import youden_threshold
+from lungct.threshold import THRESHOLD_RULE, youden_threshold
 
 __all__ = ["DiameterBaseline", "fit_diameter_baseline"]
 
@@ -50,7 +50,7 @@ class DiameterBaseline:
         return {
             "model": "logistic regression on diameter_mm",
             "coefficient_per_mm": self.coefficient_per_mm, "intercept": self.intercept,
-            "threshold": self.threshold, "threshold_rule": "youden_j_on_validation",
+            "threshold": self.threshold, "threshold_rule": THRESHOLD_RULE,
             "n_train": self.n_train, "n_validation": self.n_validation,
         }
 

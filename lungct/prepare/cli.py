@@ -1,7 +1,7 @@
 """Stage 1: turn lung CT DICOM (local, Kaggle or synthetic) into a balanced PNG dataset.
 
 Labels come from the radiologists' LIDC XML readings (or a --labels CSV, or class-named
-folders); the split is by patient. See README.md for the on-disk contract.
+folders); the split is by patient. docs/formats.md describes the files.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from pathlib import Path
 
 from lungct.cli import add_logging_flags, configure_logging, run_main
 from lungct.errors import UserError
+
+__all__ = ["build_parser", "main"]
 
 
 def _fractions(text: str) -> tuple[float, float, float]:

@@ -1,13 +1,13 @@
-"""LIDC-IDRI XML readings -> nodules (readers clustered) -> labels and ROI masks.
+"""LIDC-IDRI XML readings -> label rule and consensus ROI masks.
 
 The LIDC-IDRI collection (Armato et al. 2011, Med. Phys. 38:915; TCIA DOI
 10.7937/K9/TCIA.2015.LO9QL9SX) ships one XML file of readings per CT series: up to four
 radiologists (``readingSession``) each marked nodules >= 3 mm with outlines and nine
-characteristic ratings, nodules < 3 mm with one point, and non-nodules with one point. Readers
-marked blindly and their nodule ids are local to each reader, so the marks of one lesion are
-grouped here by geometry (after pylidc's ``Scan.cluster_annotations``, Hancock & Magnan 2016),
-turned into a label by a configurable :class:`LabelRule` and into a consensus ROI mask.
-docs/lidc_format.md describes the elements read.
+characteristic ratings, nodules < 3 mm with one point, and non-nodules with one point. Each
+reader's nodule ids are local to that reader, so the marks of one lesion are grouped by
+geometry in :mod:`lungct.prepare.nodules`; this module turns a group into a label with a
+configurable :class:`LabelRule` and into a consensus ROI mask. docs/lidc_format.md describes
+the elements read.
 
 Readings are matched to CT slices by z position (mm), never by ``imageSOP_UID``: some UIDs in
 the XML match no slice. The XML is untrusted input: DTD and entity declarations are refused.

@@ -1,7 +1,8 @@
 """LIDC reader marks -> nodules: one lesion's marks by different readers, grouped.
 
-Readers marked blindly and their nodule ids are local to each reader, so the marks of one
-lesion are grouped here by geometry (after pylidc's ``Scan.cluster_annotations``, Hancock &
+Each reader's nodule ids are local to that reader (the XML holds the unblinded reads, each
+made independently after seeing the others' anonymised marks), so the marks of one lesion are
+grouped here by geometry (after pylidc's ``Scan.cluster_annotations``, Hancock &
 Magnan 2016); each group becomes a :class:`Nodule` with its consensus malignancy, diameter
 and centre.
 """

@@ -2,7 +2,7 @@
 
 Selects the model with the highest validation AUC, chooses the decision threshold on
 validation (Youden's J) and writes lung_cancer_cnn_enhanced.h5 / .keras, runs/<model>/ and
-training_results.json. See README.md.
+training_results.json. docs/formats.md describes the files.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ import argparse
 from pathlib import Path
 
 from lungct.cli import add_logging_flags, configure_logging, run_main
+
+__all__ = ["build_parser", "main"]
 
 MODEL_CHOICES = "baseline,vgg16,resnet50"
 
@@ -157,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.verbose, args.quiet)
 
     def body() -> int:
-        from lungct.train.stage import TrainConfig, run
+        from lungct.train.config import TrainConfig
+        from lungct.train.stage import run
 
         cached_features = {"auto": None, "on": True, "off": False}[args.cached_features]
         config = TrainConfig(

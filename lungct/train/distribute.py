@@ -25,7 +25,6 @@ __all__ = [
     "DISTRIBUTE_MODES",
     "MIRRORED_NAN_HINT",
     "FiniteLossCheck",
-    "device_count",
     "distribution_scope",
 ]
 
@@ -35,15 +34,6 @@ DISTRIBUTE_MODES = ("none", "data-parallel", "mirrored")
 
 #: Environment variables that make ``keras.distribution.initialize`` join a multi-process job.
 MULTI_PROCESS_VARIABLES = ("KERAS_DISTRIBUTION_JOB_ADDRESSES", "KERAS_DISTRIBUTION_NUM_PROCESSES")
-
-
-def device_count(mode: str) -> int:
-    """Number of devices a global batch is split over in ``mode`` (1 for ``"none"``)."""
-    if mode not in DISTRIBUTE_MODES:
-        raise ValueError(f"distribute mode must be one of {DISTRIBUTE_MODES}, got {mode!r}")
-    if mode == "none":
-        return 1
-    return len(backend.list_devices())
 
 
 @contextlib.contextmanager

@@ -204,13 +204,11 @@ def build_model(
         dropout_rate: dropout before the logit.
 
     Raises:
-        ValueError: bad name, sizes or dropout rate.
+        ValueError: bad name or dropout rate.
         UserError: a weights file that does not match the backbone.
     """
     if name not in MODEL_NAMES:
         raise ValueError(f"model name must be one of {MODEL_NAMES}, got {name!r}")
-    if image_size < 8 or train_size < 8:
-        raise ValueError(f"image sizes must be >= 8 px, got {image_size} and {train_size}")
     if not 0.0 <= dropout_rate < 1.0:
         raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate}")
     image = keras.Input(shape=(image_size, image_size, 1), dtype="uint8", name="image")

@@ -110,9 +110,9 @@ JAX_CHECKS = """
     flip = AugmentationRanges(1.0, 0.0, 0.0, 0.0)
     flipped = keras.ops.convert_to_numpy(DeviceAugmentation(flip, seed=0)(images, training=True))
     target = classifier.get_layer("last_conv").output
-    grads = backend.logit_and_feature_grads(
+    grads = backend.make_logit_and_feature_grads(
         keras.Model(classifier.input, target),
-        keras.Model(target, classifier.get_layer("logit").output), images)[2]
+        keras.Model(target, classifier.get_layer("logit").output))(images)[2]
     kernel = classifier.get_layer("logit").get_weights()[0][:, 0]
     print(json.dumps({
         **data_parallel,

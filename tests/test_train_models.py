@@ -199,7 +199,8 @@ def test_logit_and_feature_grads_match_the_analytic_gradient() -> None:
     feature_model = keras.Model(model.input, target)
     head_model = keras.Model(target, model.get_layer("logit").output)
     images = np.random.default_rng(2).integers(0, 256, (3, 32, 32, 1), dtype=np.uint8)
-    logits, features, grads = backend.logit_and_feature_grads(feature_model, head_model, images)
+    grads_of = backend.make_logit_and_feature_grads(feature_model, head_model)
+    logits, features, grads = grads_of(images)
     kernel = keras.ops.convert_to_numpy(model.get_layer("logit").kernel)[:, 0]
     expected = np.broadcast_to(kernel / (4 * 4), grads.shape)
     probabilities = model.predict(images, verbose=0)[:, 0]

@@ -592,11 +592,11 @@ def test_bad_slug_names_the_flag(tmp_path: Path) -> None:
 
 @pytest.fixture
 def fake_synthetic(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, object]]:
-    """Replace lungct.synthetic with a module recording generate_cohort's arguments."""
+    """Replace lungct.synthetic.cohort with a module recording generate_cohort's arguments."""
     calls: list[dict[str, object]] = []
-    module = types.ModuleType("lungct.synthetic")
+    module = types.ModuleType("lungct.synthetic.cohort")
     module.generate_cohort = lambda **kwargs: calls.append(kwargs)  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "lungct.synthetic", module)
+    monkeypatch.setitem(sys.modules, "lungct.synthetic.cohort", module)
     return calls
 
 
