@@ -66,6 +66,8 @@ bench: setup
 		KERAS_BACKEND=$$backend $(PY) benchmarks/bench_train.py --model $$model --n-images 256 \
 			--out benchmarks/out/train_$${model}_$$backend.json -q || exit 1; done; done
 	$(PY) benchmarks/bench_gradcam.py --output benchmarks/out/gradcam.json
+	$(PY) benchmarks/bench_metrics.py --units 150 --out benchmarks/out/metrics_150.json -q
+	$(PY) benchmarks/bench_metrics.py --units 1000 --out benchmarks/out/metrics_1000.json -q
 
 clean:
 	rm -rf build dist lungct.egg-info

@@ -8,7 +8,7 @@ calls; the library alternative is one ``sklearn.metrics`` call per resample with
 (units of one patient each, patients drawn like lungct.metrics.bootstrap_counts), checks they
 agree, and prints JSON: median seconds of ``--repeats`` runs and the ratio.
 
-    python benchmarks/bench_metrics.py --units 150 --resamples 2000 --out benchmarks/out/metrics.json
+    python benchmarks/bench_metrics.py --units 150 --out benchmarks/out/metrics.json
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-from test_data import write_tiny_dataset
+from test_train_image_cache import write_tiny_dataset
 
 import training_lung_cnn
 from lungct.errors import UserError
