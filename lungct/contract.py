@@ -28,6 +28,7 @@ import pandas as pd
 
 from lungct.errors import UserError
 from lungct.fileio import atomic_write_bytes, atomic_write_json
+from lungct.fingerprint import file_sha256, fingerprint
 
 __all__ = [
     "CAM_METHODS",
@@ -43,6 +44,9 @@ __all__ = [
     "SKIPPED_FILE",
     "SPLITS",
     "check_prediction_block",
+    "dataset_files_sha256",
+    "file_set_sha256",
+    "verify_file_set",
     "manifest_sha256",
     "read_dataset_info",
     "read_manifest",
@@ -216,6 +220,23 @@ def read_manifest(dataset_dir: Path) -> pd.DataFrame:
     return manifest
 
 
+def dataset_files_sha256(dataset_dir: Path) -> str:
+    """Fingerprint of a dataset's files: manifest.csv, skipped.csv and every listed image and mask.
+
+    dataset.json records it, so reuse can tell a complete dataset from one whose files were
+    removed or changed afterwards.
+
+    Raises:
+        UserError: the manifest is invalid, or a listed file is missing or unreadable.
+    """
+    dataset_dir = Path(dataset_dir)
+    manifest = read_manifest(dataset_dir)
+    listed = [*manifest["path"], *(p for p in manifest["mask_path"] if p)]
+    return fingerprint({"schema_version": SCHEMA_VERSION}, contents=[
+        dataset_dir / MANIFEST_FILE, dataset_dir / SKIPPED_FILE,
+        *(dataset_dir / relative for relative in listed)])
+
+
 def manifest_sha256(dataset_dir: Path) -> str:
     """SHA-256 of ``manifest.csv``: identifies the dataset a run was trained on."""
     return hashlib.sha256((Path(dataset_dir) / MANIFEST_FILE).read_bytes()).hexdigest()
@@ -285,6 +306,34 @@ def read_png(path: Path, what: str = "image", size_px: int | None = None) -> np.
     return image
 
 
+# ----------------------------------------------------------------------------- file sets
+def file_set_sha256(base: Path, relatives: Iterable[str]) -> dict[str, str]:
+    """``{relative path: SHA-256}`` of files under ``base``: a stage's outputs as one set."""
+    return {relative: file_sha256(Path(base) / relative) for relative in sorted(relatives)}
+
+
+def verify_file_set(recorded: Any, base: Path, where: str, producer: str) -> None:
+    """Check that the files ``where`` lists under ``base`` are the ones it was written with.
+
+    Raises:
+        UserError: the record is malformed, a path leaves ``base``, a file is missing, or its
+            SHA-256 differs (outputs of two runs mixed).
+    """
+    if not isinstance(recorded, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in recorded.items()):
+        raise UserError(f"{where} does not list its files with their SHA-256; re-run {producer}.")
+    for relative, expected in recorded.items():
+        if _unsafe_relative(relative):
+            raise UserError(f"{where} lists {relative!r}, which is not a relative path inside "
+                            f"{base}.")
+        path = Path(base) / relative
+        if not path.is_file():
+            raise UserError(f"{path}, listed in {where}, is missing; re-run {producer}.")
+        if file_sha256(path) != expected:
+            raise UserError(f"{path} changed after {where} was written (files of two runs "
+                            f"mixed?); re-run {producer}.")
+
+
 # ----------------------------------------------------------------------------- training results
 def check_prediction_block(block: Any, where: str) -> None:
     """Check a ``{paths, patient_ids, y_true, y_prob}`` block.
@@ -348,6 +397,12 @@ def read_training_results(path: Path) -> dict[str, Any]:
         raise UserError(f"{path}: best_model {results['best_model']!r} is not among the models "
                         f"{sorted(results['models'])}.")
     _check_threshold(path, results["threshold"])
+    for name, info in results["models"].items():
+        model_path = info.get("model_path")
+        if model_path is not None and (not isinstance(model_path, str)
+                                       or _unsafe_relative(model_path)):
+            raise UserError(f"{path}: models.{name}.model_path {model_path!r} is not a relative "
+                            "path inside the results folder.")
     if not isinstance(results["config"], dict):
         raise UserError(f"{path}: config must be a JSON object.")
     image_size = results["config"].get("image_size")

@@ -1,7 +1,10 @@
-"""Atomic writes: a temp file beside the target, then ``os.replace``.
+"""Atomic writes: a file through a temp file, a folder of outputs through a staging folder.
 
-An interrupted run therefore never leaves a half-written output behind, only a stray
-``*.tmp-*`` file that the next run ignores and overwrites.
+Files: a temp file beside the target, then ``os.replace``; an interrupted run leaves only a
+stray ``*.tmp-*`` file that the next run ignores and overwrites. Folders: a stage builds its
+outputs in ``<target>.partial/`` (marked as lungct's, so only a marked one is ever removed)
+and swaps it into place with two renames, so readers see the old set or the new one, never a
+mix.
 """
 
 from __future__ import annotations
@@ -9,12 +12,26 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "atomic_write_json"]
+from lungct.errors import UserError
+
+__all__ = [
+    "PARTIAL_SUFFIX",
+    "atomic_path",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_write_text",
+    "fresh_staging",
+    "swap_into_place",
+]
+
+PARTIAL_SUFFIX = ".partial"
+_STAGING_MARKER = ".lungct-partial"
 
 # mkstemp creates files readable by the owner only; outputs get the usual umask-based mode.
 _UMASK = os.umask(0)
@@ -58,3 +75,38 @@ def atomic_write_text(target: str | os.PathLike[str], text: str) -> None:
 def atomic_write_json(target: str | os.PathLike[str], obj: Any) -> None:
     """Write ``obj`` as indented, key-sorted JSON (stable bytes for equal content)."""
     atomic_write_text(target, json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n")
+
+
+def fresh_staging(target: Path) -> Path:
+    """An empty ``<target>.partial/`` marked as lungct's; a leftover marked one is replaced.
+
+    Raises:
+        UserError: ``<target>.partial`` exists without the marker (not lungct's: left alone).
+    """
+    target = Path(target)
+    staging = target.with_name(target.name + PARTIAL_SUFFIX)
+    if staging.exists():
+        if not (staging / _STAGING_MARKER).is_file():
+            raise UserError(f"{staging} exists and was not made by lungct; move it away or "
+                            "choose another output folder.")
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    (staging / _STAGING_MARKER).touch()
+    return staging
+
+
+def swap_into_place(staging: Path, target: Path) -> None:
+    """Replace the folder ``target`` by the finished ``staging`` folder (two renames).
+
+    The previous ``target`` moves into a fresh folder this call creates, and only that folder
+    is removed.
+    """
+    staging, target = Path(staging), Path(target)
+    (staging / _STAGING_MARKER).unlink()
+    if not target.exists():
+        staging.rename(target)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f"{target.name}.old-", dir=target.parent))
+    target.replace(old / target.name)
+    staging.rename(target)
+    shutil.rmtree(old)

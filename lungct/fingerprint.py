@@ -16,9 +16,22 @@ from typing import Any
 
 from lungct.errors import UserError
 
-__all__ = ["fingerprint"]
+__all__ = ["file_sha256", "fingerprint"]
 
 _CHUNK_BYTES = 1 << 20
+
+
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of one file's bytes, read in 1 MiB chunks.
+
+    Raises:
+        OSError: the file is missing or unreadable.
+    """
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for chunk in iter(lambda: handle.read(_CHUNK_BYTES), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def fingerprint(settings: Mapping[str, Any], *, contents: Iterable[Path] = (),
@@ -36,10 +49,7 @@ def fingerprint(settings: Mapping[str, Any], *, contents: Iterable[Path] = (),
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
     try:
         for path in contents:
-            digest.update(b"\0content\0")
-            with Path(path).open("rb") as handle:
-                for chunk in iter(lambda h=handle: h.read(_CHUNK_BYTES), b""):
-                    digest.update(chunk)
+            digest.update(f"\0content\0{file_sha256(path)}".encode())
         for name, path in listing:
             stat = Path(path).stat()
             digest.update(f"\0{name}\0{stat.st_size}\0{stat.st_mtime_ns}".encode())

@@ -159,6 +159,7 @@ def write_results(root: Path, dataset: Path, model, preset: str = "full",
         "model_files": {"h5": "lung_cancer_cnn_enhanced.h5",
                         "keras": "lung_cancer_cnn_enhanced.keras"},
     }
+    results["files_sha256"] = contract.file_set_sha256(root, ["runs/baseline/model.keras"])
     return contract.write_training_results(root, results)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import logging
 from pathlib import Path
 
@@ -49,9 +50,9 @@ def cli_run(fabricated) -> tuple[int, Path]:
 
 
 def modified_results(fabricated: Path, tmp_path: Path, change) -> Path:
-    """A copy of training_results.json edited by ``change`` (model path kept absolute)."""
+    """A copy of training_results.json, with its runs/, edited by ``change``."""
     results = json.loads((fabricated / "training_results.json").read_text())
-    results["models"]["baseline"]["model_path"] = str(fabricated / "runs/baseline/model.keras")
+    shutil.copytree(fabricated / "runs", tmp_path / "runs", dirs_exist_ok=True)
     change(results)
     path = tmp_path / "training_results.json"
     path.write_text(json.dumps(results))

@@ -118,10 +118,43 @@ def test_interrupted_run_is_redone(work):
     shutil.rmtree(work / "out")
     partial = work / "out.partial"
     (partial / "cancer").mkdir(parents=True)
+    (partial / ".lungct-partial").touch()  # what a killed run leaves
     (partial / "cancer" / "half.png").write_bytes(b"\x89PNG")
     assert _synthetic_patch(work) == 0
     assert (work / "out" / "manifest.csv").read_bytes() == reference
     assert not partial.exists()
+
+
+def test_a_partial_folder_lungct_did_not_make_is_left_alone(work, capsys):
+    """An unmarked <output>.partial is someone else's: refused, not deleted."""
+    partial = work / "out.partial"
+    partial.mkdir()
+    (partial / "notes.txt").write_text("mine")
+    assert _synthetic_patch(work) == 2
+    assert "out.partial exists and was not made by lungct" in capsys.readouterr().err
+    assert (partial / "notes.txt").read_text() == "mine"
+
+
+def test_missing_image_makes_the_dataset_stale(work):
+    """Reuse checks the files: a dataset with a deleted image is rebuilt, not reused."""
+    assert _synthetic_patch(work) == 0
+    out = work / "out"
+    reference = (out / "manifest.csv").read_bytes()
+    first = sorted(out.glob("cancer/*.png"))[0]
+    first.unlink()
+    assert _synthetic_patch(work) == 0
+    assert first.is_file() and (out / "manifest.csv").read_bytes() == reference
+
+
+def test_output_inside_the_input_is_refused(tmp_path, capsys):
+    """--output inside --input would be read as input next time: refused in one sentence."""
+    source = tmp_path / "in"
+    (source / "cancer").mkdir(parents=True)
+    code = prepare_lung_dataset.main(["--input", str(source), "--output", str(source / "ds"),
+                                      "--work-dir", str(tmp_path), "-q"])
+    assert code == 2
+    assert "is inside the input" in capsys.readouterr().err
+    assert not (source / "ds").exists()
 
 
 def test_pseudonymise_hides_patient_ids(work):

@@ -13,7 +13,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lungct.cli import add_logging_flags, configure_logging, run_main
+from lungct.cli import (
+    add_logging_flags,
+    captured_stderr,
+    configure_logging,
+    non_negative_int,
+    positive_int,
+    run_main,
+)
 from lungct.contract import CAM_METHODS
 from lungct.errors import UserError
 
@@ -33,16 +40,6 @@ def _gradcam_max(text: str) -> int | str:
     return value
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from error
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     """Command-line flags of the interpretation stage."""
     parser = argparse.ArgumentParser(
@@ -56,21 +53,22 @@ def build_parser() -> argparse.ArgumentParser:
                         help="dataset folder (default: config.dataset_dir of the results)")
     parser.add_argument("--out", type=Path, default=Path("reports"),
                         help="report folder (default: %(default)s)")
-    parser.add_argument("--bootstrap", type=_positive_int, default=2000,
+    parser.add_argument("--bootstrap", type=positive_int, default=2000,
                         help="patient-level bootstrap resamples for the 95%% CIs "
                              "(default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=None,
+    parser.add_argument("--seed", type=non_negative_int, default=None,
                         help="seed of the bootstrap and the Grad-CAM draw "
                              "(default: the training seed)")
     parser.add_argument("--cam", choices=tuple(CAM_METHODS), default="gradcam",
                         help="saliency method (default: %(default)s)")
     parser.add_argument("--gradcam-max", type=_gradcam_max, default=None, metavar="N|all",
                         help="explain at most N masked test images, a seeded draw stratified "
-                             "by class (default: all; 64 for the quick preset)")
+                             "by class (default: the cap training recorded: all, or 64 for "
+                             "the quick preset)")
     parser.add_argument("--gradcam-layer", default=None, metavar="NAME",
                         help="explained layer, e.g. block5_conv3 or resnet50/conv5_block3_out "
                              "(default: the output of the last convolutional block)")
-    parser.add_argument("--batch-size", type=_positive_int, default=32,
+    parser.add_argument("--batch-size", type=positive_int, default=32,
                         help="images per Grad-CAM batch (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true",
                         help="recompute even when report.json is up to date with its inputs")
@@ -84,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.verbose, args.quiet)
 
     def body() -> int:
-        from lungct.interpret.stage import InterpretConfig, run
+        with captured_stderr():
+            from lungct.interpret.stage import InterpretConfig, run
 
         try:
             config = InterpretConfig(

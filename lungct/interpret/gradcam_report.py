@@ -157,8 +157,6 @@ def explain_test_set(model: object, frame: pd.DataFrame, dataset_dir: Path, out_
     block["pointing_game"] = groups["all_positives"]["pointing_game"]
     block["energy_in_roi"] = groups["all_positives"]["energy_in_roi"]
     block["randomization_check"] = _randomisation(cam, images, result.maps, settings)
-    for stale in (out_dir / "gradcam").glob("*.png"):
-        stale.unlink()
     for i, path in enumerate(subset["path"]):
         write_overlay(out_dir / "gradcam" / _overlay_name(path), images[i], result.maps[i],
                       masks[i] if subset["mask_path"].iloc[i] else None)

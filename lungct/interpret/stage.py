@@ -22,6 +22,8 @@ import pandas as pd
 
 from lungct import contract
 from lungct.backend import environment
+from lungct.faults import kill_point
+from lungct.fileio import fresh_staging, swap_into_place
 from lungct.fingerprint import fingerprint
 from lungct.interpret import inputs
 from lungct.interpret.evaluation import (
@@ -35,6 +37,7 @@ from lungct.interpret.evaluation import (
 from lungct.interpret.gradcam_report import CamSettings, explain_test_set
 from lungct.interpret.report import OUTPUT_FILES, FigureInputs, write_report
 from lungct.interpret.weakness import analyse_weaknesses
+from lungct.locking import output_lock, shared_lock
 from lungct.metrics import bootstrap_counts, roc_band
 from lungct.modelio import load_classifier
 
@@ -114,10 +117,25 @@ def gradcam_max(config: InterpretConfig, results: dict) -> int | None:
 
 
 def run(config: InterpretConfig) -> dict:
-    """Run stage 3 and return the report (also written to ``config.out_dir``)."""
+    """Run stage 3 and return the report (also written to ``config.out_dir``).
+
+    Holds the report folder's lock and shared locks on the training results and the dataset;
+    builds the report in ``<out>.partial/`` and swaps it into place, so the folder always
+    holds one complete report.
+    """
+    with (output_lock(config.out_dir, "interpret"),
+          shared_lock(config.results_path, "interpret")):
+        results = contract.read_training_results(config.results_path)
+        contract.verify_file_set(results.get("files_sha256"), config.results_path.parent,
+                                 str(config.results_path), "training_lung_cnn.py")
+        dataset_dir = inputs.resolve_dataset_dir(config.dataset_dir, results,
+                                                 config.results_path)
+        with shared_lock(dataset_dir, "interpret"):
+            return _run_locked(config, results, dataset_dir)
+
+
+def _run_locked(config: InterpretConfig, results: dict, dataset_dir: Path) -> dict:
     started = time.perf_counter()
-    results = contract.read_training_results(config.results_path)
-    dataset_dir = inputs.resolve_dataset_dir(config.dataset_dir, results, config.results_path)
     manifest = contract.read_manifest(dataset_dir)
     dataset_info = contract.read_dataset_info(dataset_dir, required=False)
     model_path = inputs.selected_model_path(results, config.results_path)
@@ -131,20 +149,23 @@ def run(config: InterpretConfig) -> dict:
         LOG.info("%s is up to date with its inputs; use --overwrite to recompute",
                  config.out_dir / "report.json")
         return json.loads((config.out_dir / "report.json").read_text(encoding="utf-8"))
+    staging = fresh_staging(config.out_dir)
     report, figure_inputs = _compute(config, results, dataset_dir, manifest, dataset_info,
-                                     model_path, seed)
+                                     model_path, seed, staging)
     report.update(schema_version=contract.SCHEMA_VERSION, inputs_sha256=inputs_sha256,
                   config={**config.to_json(), "seed": seed},
                   environment=environment())
-    written = write_report(report, figure_inputs, config.out_dir, started)
+    written = write_report(report, figure_inputs, staging, started)
+    kill_point("interpret", "written")
+    swap_into_place(staging, config.out_dir)
     LOG.info("report written to %s in %.1f s", config.out_dir / "report.html",
              time.perf_counter() - started)
     return written
 
 
 def _compute(config: InterpretConfig, results: dict, dataset_dir: Path,
-             manifest: pd.DataFrame, dataset_info: dict, model_path: Path, seed: int
-             ) -> tuple[dict, FigureInputs]:
+             manifest: pd.DataFrame, dataset_info: dict, model_path: Path, seed: int,
+             out_dir: Path) -> tuple[dict, FigureInputs]:
     """Every number of the report, and what the figures need beyond them."""
     timing = {}
     clock = time.perf_counter()
@@ -164,7 +185,7 @@ def _compute(config: InterpretConfig, results: dict, dataset_dir: Path,
     model = load_classifier(model_path, image_size, str(config.results_path))
     cam_settings = CamSettings(config.cam_method, config.gradcam_layer,
                                gradcam_max(config, results), config.batch_size, seed)
-    gradcam, gallery = explain_test_set(model, frame, dataset_dir, config.out_dir, image_size,
+    gradcam, gallery = explain_test_set(model, frame, dataset_dir, out_dir, image_size,
                                         cam_settings)
     timing["gradcam"] = round(time.perf_counter() - clock, 2)
     report = {

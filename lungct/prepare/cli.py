@@ -10,19 +10,23 @@ import argparse
 import os
 from pathlib import Path
 
-from lungct.cli import add_logging_flags, configure_logging, run_main
+from lungct.cli import (
+    add_logging_flags,
+    configure_logging,
+    finite_float,
+    non_negative_int,
+    positive_int,
+    run_main,
+)
 from lungct.errors import UserError
 
 __all__ = ["build_parser", "main"]
 
 
 def _fractions(text: str) -> tuple[float, float, float]:
-    try:
-        values = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected TRAIN,VAL,TEST, got {text!r}") from None
+    values = tuple(finite_float(v) for v in text.split(","))
     if len(values) != 3:
-        raise argparse.ArgumentTypeError(f"expected three fractions, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected three fractions TRAIN,VAL,TEST, got {text!r}")
     return values  # type: ignore[return-value]
 
 
@@ -40,25 +44,26 @@ def build_parser() -> argparse.ArgumentParser:
                      "(+ LIDC XML) files or of class-named image folders")
     src.add_argument("--kaggle-dataset", default=None,
                      help="Kaggle dataset slug (default: a raw LIDC-IDRI DICOM + XML mirror)")
-    src.add_argument("--max-patients", type=int, help="limit a Kaggle download to N patients")
+    src.add_argument("--max-patients", type=positive_int,
+                     help="limit a Kaggle download to N patients")
     src.add_argument("--labels", type=Path,
                      help="CSV with columns path (relative to --input), label, patient_id")
     src.add_argument("--patient-regex", default=r"LIDC-IDRI-\d{4}",
                      help="patient id pattern in paths, for class folders without PatientID")
-    src.add_argument("--synthetic-patients", type=int, default=0,
+    src.add_argument("--synthetic-patients", type=non_negative_int, default=0,
                      help="patients in the synthetic cohort (0 = its default)")
-    src.add_argument("--synthetic-size", type=int, default=0,
+    src.add_argument("--synthetic-size", type=non_negative_int, default=0,
                      help="synthetic slice size in pixels (0 = its default)")
     out = parser.add_argument_group("output")
     out.add_argument("--output", type=Path, default=Path("output_dataset"))
     out.add_argument("--work-dir", type=Path, default=Path("."),
                      help="where raw_synthetic/, raw_kaggle/ and extracted/ go")
-    out.add_argument("--image-size", type=int, default=224, help="PNG side in pixels")
+    out.add_argument("--image-size", type=positive_int, default=224, help="PNG side in pixels")
     out.add_argument("--window", default="lung",
                      help="'lung' (centre -600 HU, width 1500) or CENTER,WIDTH in HU")
     out.add_argument("--view", choices=("slice", "patch"), default="slice",
                      help="whole axial slice, or a square patch around the nodule")
-    out.add_argument("--patch-mm", type=float, default=64.0, help="patch side in mm")
+    out.add_argument("--patch-mm", type=finite_float, default=64.0, help="patch side in mm")
     out.add_argument("--overwrite", action="store_true", help="rebuild an existing output")
     out.add_argument("--pseudonymise", action="store_true",
                      help="replace patient ids and UIDs by salted hashes in every output")
@@ -66,17 +71,17 @@ def build_parser() -> argparse.ArgumentParser:
     lab.add_argument("--label-rule", default="",
                      help="changes to the LIDC rule, e.g. "
                           "'cancer_at_least=4,non_cancer_at_most=2,min_readers=1,aggregate=median'")
-    lab.add_argument("--min-readers", type=int, default=None,
+    lab.add_argument("--min-readers", type=positive_int, default=None,
                      help="exclude nodules rated by fewer readers (default 1)")
-    lab.add_argument("--negative-margin-mm", type=float, default=10.0,
+    lab.add_argument("--negative-margin-mm", type=finite_float, default=10.0,
                      help="no_finding slices are at least this far in z from every mark")
     lab.add_argument("--split", type=_fractions, default=(0.7, 0.15, 0.15),
                      help="TRAIN,VAL,TEST fractions of patients")
-    lab.add_argument("--target-count", type=int, default=3000, help="images in total")
-    lab.add_argument("--max-per-patient", type=int, default=20,
+    lab.add_argument("--target-count", type=positive_int, default=3000, help="images in total")
+    lab.add_argument("--max-per-patient", type=positive_int, default=20,
                      help="at most this many images per patient and class")
-    lab.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+    lab.add_argument("--seed", type=non_negative_int, default=42)
+    parser.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1,
                         help="processes for reading and writing")
     add_logging_flags(parser)
     return parser

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import asdict, dataclass, field
@@ -10,7 +11,11 @@ from pathlib import Path
 from lungct.prepare import dicom, lidc, sources
 from lungct.prepare.split import split_patients
 
-__all__ = ["PrepareConfig"]
+__all__ = ["MAX_MARGIN_MM", "MAX_PATCH_MM", "MAX_WINDOW_HU", "PrepareConfig"]
+
+MAX_PATCH_MM = 500.0  # wider than any chest field of view
+MAX_MARGIN_MM = 1000.0  # longer than any CT series
+MAX_WINDOW_HU = 10000.0  # beyond the 16-bit HU range a CT can store
 
 
 @dataclass(frozen=True)
@@ -48,16 +53,26 @@ class PrepareConfig:
             raise ValueError(f"view must be slice or patch, got {self.view!r}")
         if not 8 <= self.image_size_px <= 2048:
             raise ValueError(f"image size must be 8-2048 px, got {self.image_size_px}")
-        if self.patch_mm <= 0:
-            raise ValueError(f"patch size must be > 0 mm, got {self.patch_mm:g}")
-        if self.negative_margin_mm < 0:
-            raise ValueError(f"negative margin must be >= 0 mm, got {self.negative_margin_mm:g}")
+        if not (math.isfinite(self.patch_mm) and 1.0 <= self.patch_mm <= MAX_PATCH_MM):
+            raise ValueError(f"patch size must be 1-{MAX_PATCH_MM:g} mm, got {self.patch_mm:g}")
+        if not (math.isfinite(self.negative_margin_mm)
+                and 0 <= self.negative_margin_mm <= MAX_MARGIN_MM):
+            raise ValueError(f"negative margin must be 0-{MAX_MARGIN_MM:g} mm, got "
+                             f"{self.negative_margin_mm:g}")
         if self.workers < 1:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
         if self.max_patients is not None and self.max_patients < 1:
             raise ValueError(f"max patients must be >= 1, got {self.max_patients}")
-        dicom.parse_window(self.window)
-        re.compile(self.patient_regex)
+        center_hu, width_hu = dicom.parse_window(self.window)
+        if not (math.isfinite(center_hu) and math.isfinite(width_hu)
+                and abs(center_hu) <= MAX_WINDOW_HU and width_hu <= 2 * MAX_WINDOW_HU):
+            raise ValueError(f"window must be finite, |centre| and width/2 <= {MAX_WINDOW_HU:g} "
+                             f"HU, got {self.window!r}")
+        try:
+            re.compile(self.patient_regex)
+        except re.error as error:
+            raise ValueError(f"--patient-regex {self.patient_regex!r} is not a regular "
+                             f"expression ({error})") from None
         split_patients({}, self.split_fractions, 0)
         if self.target_count < 2 or self.max_per_patient < 1:
             raise ValueError(

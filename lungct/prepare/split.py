@@ -7,6 +7,7 @@ Splitting by slice or by nodule puts one patient in train and test and inflates 
 from __future__ import annotations
 
 import logging
+import math
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,7 +35,8 @@ def split_patients(
         fractions: train, val, test fractions summing to 1.
         seed: random seed.
     """
-    if len(fractions) != len(SPLITS) or abs(sum(fractions) - 1) > 1e-6 or min(fractions) < 0:
+    if (len(fractions) != len(SPLITS) or not all(math.isfinite(f) for f in fractions)
+            or abs(sum(fractions) - 1) > 1e-6 or min(fractions) < 0):
         raise ValueError(f"split fractions must be three non-negative numbers summing to 1, "
                          f"got {list(fractions)}")
     rng = np.random.default_rng(seed)

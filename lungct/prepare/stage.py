@@ -11,15 +11,16 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import shutil
 from collections import Counter
 from pathlib import Path
 
 from lungct import contract
 from lungct.environment import package_versions
 from lungct.errors import UserError
-from lungct.fileio import atomic_write_bytes
+from lungct.faults import kill_point
+from lungct.fileio import atomic_write_bytes, fresh_staging, swap_into_place
 from lungct.fingerprint import fingerprint
+from lungct.locking import output_lock
 from lungct.parallel import pool_map
 from lungct.prepare import dicom, sources
 from lungct.prepare.archives import MARKER_SUFFIX
@@ -33,6 +34,8 @@ from lungct.prepare.split import Selection, balance, split_patients
 __all__ = ["run"]
 
 LOG = logging.getLogger(__name__)
+
+SOURCES_LOCK_NAME = ".lungct-sources"
 
 
 # ----------------------------------------------------------------------------- file listing
@@ -106,18 +109,26 @@ def _summary(rows: list[dict], selection: Selection) -> dict:
 
 # ----------------------------------------------------------------------------- the stage
 def _check_existing(output_dir: Path, input_hash: str, overwrite: bool) -> bool:
-    """True when ``output_dir`` already holds this exact dataset (nothing to do)."""
+    """True when ``output_dir`` already holds this exact dataset, every file intact."""
     dataset_json = output_dir / contract.DATASET_FILE
     if dataset_json.exists():
         try:
-            existing = contract.read_dataset_info(output_dir).get("input_hash")
+            existing = contract.read_dataset_info(output_dir)
         except UserError:
-            existing = None
+            existing = {}
         if overwrite:
             return False
-        if existing == input_hash:
-            return True
-        raise UserError(f"{output_dir} was made with other settings; use --overwrite")
+        if existing.get("input_hash") != input_hash:
+            raise UserError(f"{output_dir} was made with other settings; use --overwrite")
+        try:
+            intact = contract.dataset_files_sha256(output_dir) == existing.get("files_sha256")
+        except UserError as problem:
+            LOG.warning("%s: %s", output_dir, problem)
+            intact = False
+        if not intact:
+            LOG.warning("%s was made with these settings but its files are missing or changed: "
+                        "rebuilding it", output_dir)
+        return intact
     if output_dir.exists() and any(output_dir.iterdir()):
         raise UserError(
             f"{output_dir} exists and is not a lungct dataset (no dataset.json); "
@@ -127,9 +138,19 @@ def _check_existing(output_dir: Path, input_hash: str, overwrite: bool) -> bool:
 
 
 def run(config: PrepareConfig) -> dict:
-    """Run the prepare stage; returns the dataset.json content."""
+    """Run the prepare stage; returns the dataset.json content.
+
+    Holds the lock of the output folder, and of the work folder's sources, from start to end.
+    """
     output_dir = Path(config.output_dir)
+    with (output_lock(output_dir, "prepare"),
+          output_lock(Path(config.work_dir) / SOURCES_LOCK_NAME, "prepare")):
+        return _run_locked(config, output_dir)
+
+
+def _run_locked(config: PrepareConfig, output_dir: Path) -> dict:
     source = _resolve_source(config)
+    _check_not_nested(output_dir, source.root)
     files, links = _list_files(source.root)
     input_hash = _input_hash(config, source.root, files, source.description)
     if _check_existing(output_dir, input_hash, config.overwrite):
@@ -139,13 +160,16 @@ def run(config: PrepareConfig) -> dict:
     found, skipped = _find_candidates(config, source, files, links)
     selection = _split_and_balance(config, found.candidates, skipped)
     settings = _render_settings(config, found.label_source)
-    staging = output_dir.with_name(output_dir.name + ".partial")
+    staging = fresh_staging(output_dir)
     rows = _render_all(selection, settings, staging, config.workers, skipped)
+    kill_point("prepare", "rendered")
     dataset = _describe(config, source, found, settings, selection, rows, skipped, input_hash)
     contract.write_manifest(staging, rows)
     contract.write_skipped(staging, skipped)
+    dataset["files_sha256"] = contract.dataset_files_sha256(staging)
     contract.write_dataset_info(staging, dataset)
-    _swap_into_place(staging, output_dir)
+    kill_point("prepare", "written")
+    swap_into_place(staging, output_dir)
     reasons = Counter(skipped.values())
     LOG.info("wrote %d images to %s (%s); skipped %d files: %s", len(rows), output_dir,
              ", ".join(f"{s} {dataset['counts'][s]['images']}" for s in contract.SPLITS),
@@ -204,11 +228,21 @@ def _render_settings(config: PrepareConfig, label_source: str) -> RenderSettings
     return RenderSettings(config.image_size_px, center_hu, width_hu, view, config.patch_mm)
 
 
+def _check_not_nested(output_dir: Path, input_root: Path) -> None:
+    """Refuse an output inside the input (re-ingested next time) or an input inside the output
+    (replaced by the swap)."""
+    output, source = output_dir.resolve(), input_root.resolve()
+    if output == source or output.is_relative_to(source):
+        raise UserError(f"--output {output_dir} is inside the input {input_root}: its images "
+                        "would be read as input next time; choose an --output outside it.")
+    if source.is_relative_to(output):
+        raise UserError(f"the input {input_root} is inside --output {output_dir}, which prepare "
+                        "replaces; choose an --output outside it.")
+
+
 def _render_all(selection: Selection, settings: RenderSettings, staging: Path, workers: int,
                 skipped: dict[str, str]) -> list[dict]:
-    """Render every selected sample into a fresh ``staging`` folder; manifest rows by path."""
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    """Render every selected sample into ``staging``; manifest rows sorted by path."""
     jobs = [(split, c, settings, staging) for split, c in selection.samples]
     rows: list[dict] = []
     for (_, candidate, _, _), result in zip(
@@ -259,13 +293,3 @@ def _describe(config: PrepareConfig, source: sources.ResolvedSource, found: Foun
         "versions": package_versions("numpy", "pydicom", "opencv-python-headless", "pandas"),
         "input_hash": input_hash,
     }
-
-
-def _swap_into_place(staging: Path, output_dir: Path) -> None:
-    """Replace ``output_dir`` by the finished ``staging`` folder."""
-    old = output_dir.with_name(output_dir.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if output_dir.exists():
-        output_dir.rename(old)
-    staging.rename(output_dir)
-    shutil.rmtree(old, ignore_errors=True)

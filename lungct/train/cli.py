@@ -10,7 +10,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lungct.cli import add_logging_flags, configure_logging, run_main
+from lungct.cli import (
+    add_logging_flags,
+    captured_stderr,
+    configure_logging,
+    finite_float,
+    non_negative_int,
+    positive_int,
+    run_main,
+)
 
 __all__ = ["build_parser", "main"]
 
@@ -67,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     model_group.add_argument(
         "--fine-tune-layers",
-        type=int,
+        type=positive_int,
         default=None,
         help="top backbone layers to fine-tune (preset: vgg16 4, resnet50 10 "
         "in quick; 8 and 32 in full)",
@@ -85,36 +93,41 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train_group.add_argument(
         "--train-size",
-        type=int,
+        type=positive_int,
         default=None,
         help="side in px the models compute at (in-model resizing)",
     )
-    train_group.add_argument("--epochs", type=int, default=None, help="baseline epochs")
+    train_group.add_argument("--epochs", type=positive_int, default=None, help="baseline epochs")
     train_group.add_argument(
-        "--frozen-epochs", type=int, default=None, help="transfer epochs with the backbone frozen"
+        "--frozen-epochs",
+        type=non_negative_int,
+        default=None,
+        help="transfer epochs with the backbone frozen",
     )
     train_group.add_argument(
         "--fine-tune-epochs",
-        type=int,
+        type=non_negative_int,
         default=None,
         help="transfer epochs fine-tuning the top backbone layers",
     )
-    train_group.add_argument("--batch-size", type=int, default=None, help="global batch size")
+    train_group.add_argument(
+        "--batch-size", type=positive_int, default=None, help="global batch size"
+    )
     train_group.add_argument(
         "--max-train-images",
-        type=int,
+        type=non_negative_int,
         default=None,
         help="cap on training images, class ratio kept (0 = all)",
     )
     train_group.add_argument(
         "--learning-rate",
-        type=float,
+        type=finite_float,
         default=1e-3,
         help="Adam learning rate (fine-tuning uses a tenth)",
     )
     train_group.add_argument(
         "--patience",
-        type=int,
+        type=positive_int,
         default=None,
         help="early-stopping patience on validation AUC, epochs",
     )
@@ -130,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train_group.add_argument(
         "--seed",
-        type=int,
+        type=non_negative_int,
         default=42,
         help="seed of weights, shuffling, augmentation and subsampling",
     )
@@ -159,8 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.verbose, args.quiet)
 
     def body() -> int:
-        from lungct.train.config import TrainConfig
-        from lungct.train.stage import run
+        with captured_stderr():
+            from lungct.train.config import TrainConfig
+            from lungct.train.stage import run
 
         cached_features = {"auto": None, "on": True, "off": False}[args.cached_features]
         config = TrainConfig(

@@ -24,8 +24,10 @@ import numpy as np
 
 from lungct import backend, contract
 from lungct.errors import UserError
+from lungct.faults import kill_point
 from lungct.fileio import atomic_path, atomic_write_json
-from lungct.fingerprint import fingerprint
+from lungct.fingerprint import file_sha256, fingerprint
+from lungct.locking import output_lock, shared_lock
 from lungct.metrics import auc
 from lungct.modelio import load_classifier
 from lungct.threshold import youden_threshold
@@ -104,6 +106,12 @@ def run(config: TrainConfig) -> dict:
         UserError: bad dataset, output folder, weights, or out of memory.
     """
     _check_output_dir(config.out_dir)
+    with (output_lock(config.out_dir / contract.RESULTS_FILE, "train"),
+          shared_lock(config.dataset_dir, "train")):
+        return _run_locked(config)
+
+
+def _run_locked(config: TrainConfig) -> dict:
     dataset = load_dataset(config.dataset_dir)
     config = resolve_config(config, dataset.image_size, backend.accelerator_kind())
     mixed_precision = _mixed_precision_enabled(config.mixed_precision)
@@ -130,7 +138,10 @@ def run(config: TrainConfig) -> dict:
         dataset.val.labels, np.asarray(outcomes[best]["validation"]["y_prob"])
     )
     _save_selected(config.out_dir, outcomes[best]["model_path"], dataset.image_size)
+    kill_point("train", "selected_saved")
     results = _results(config, dataset, outcomes, best, threshold, mixed_precision)
+    results["files_sha256"] = contract.file_set_sha256(config.out_dir, [
+        *contract.MODEL_FILES.values(), *(o["model_path"] for o in outcomes.values())])
     contract.write_training_results(config.out_dir, results)
     _log_summary(results, config.out_dir)
     return results
@@ -170,6 +181,7 @@ def _train_or_reuse(
             record["fingerprint"] = run_fingerprint
             with atomic_path(run_dir / "model.keras") as temporary:
                 model.save(temporary)
+            record["model_sha256"] = file_sha256(run_dir / "model.keras")
             atomic_write_json(run_dir / "run.json", record)
             # The checkpoint protects a run in progress; model.keras now holds the same weights.
             (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
@@ -202,9 +214,16 @@ def _reusable_record(run_dir: Path, fingerprint: str) -> dict | None:
         record = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return None
-    if record.get("fingerprint") != fingerprint or not (run_dir / "model.keras").is_file():
+    if not isinstance(record, dict) or record.get("fingerprint") != fingerprint:
         return None
-    return record
+    try:
+        unchanged = file_sha256(run_dir / "model.keras") == record.get("model_sha256")
+    except OSError:
+        return None
+    if not unchanged:
+        LOG.warning("%s/model.keras changed since run.json was written: retraining",
+                    run_dir)
+    return record if unchanged else None
 
 
 def _predict_outcome(
