@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test deps lint check-install bench clean
+.PHONY: setup demo test test-slow deps lint check-install bench clean
 
 # Pinned dependencies first, then lungct itself, editable (built offline by the venv's setuptools).
 $(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
@@ -30,6 +30,10 @@ test: setup
 	@out=$$($(VENV)/bin/deptry lungct 2>&1) || { echo "$$out"; exit 1; }
 	@out=$$($(VENV)/bin/lint-imports 2>&1) || { echo "$$out"; exit 1; }
 	$(PY) -m pytest -q
+
+# The slow matrices (every kill point, concurrency variants); CI runs them after `make test`.
+test-slow: setup
+	$(PY) -m pytest -q -m slow
 
 # Imports of lungct against pyproject.toml's dependencies and extras ([tool.deptry]).
 deps: setup

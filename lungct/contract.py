@@ -176,6 +176,13 @@ def _check_manifest(manifest: pd.DataFrame, where: Path) -> None:
         row = manifest[class_names != manifest["class_name"]].iloc[0]
         raise UserError(f"{where}: {row['path']} has label {row['label']} but class_name "
                         f"{row['class_name']!r}; expected {list(CLASS_NAMES)} by label.")
+    splits_per_patient = manifest.groupby("patient_id")["split"].nunique()
+    leaking = splits_per_patient[splits_per_patient > 1]
+    if len(leaking):
+        patient = leaking.index[0]
+        found = sorted(set(manifest.loc[manifest["patient_id"] == patient, "split"]))
+        raise UserError(f"{where}: patient {patient} is in the splits {found}; a patient must "
+                        f"be in one split only ({len(leaking)} such patients).")
     duplicated = manifest["path"][manifest["path"].duplicated()]
     if len(duplicated):
         raise UserError(f"{where} lists some paths twice, e.g. {duplicated.iloc[0]}.")
@@ -204,8 +211,8 @@ def read_manifest(dataset_dir: Path) -> pd.DataFrame:
     Raises:
         UserError: missing folder or file, unreadable CSV, a missing column, an unknown schema
             version, no rows, labels other than 0/1, unknown splits, a class name that
-            disagrees with its label, a path listed twice or leaving the folder, a number that
-            is not finite.
+            disagrees with its label, a patient in two splits, a path listed twice or leaving
+            the folder, a number that is not finite.
     """
     path = require_dataset_dir(dataset_dir) / MANIFEST_FILE
     try:
@@ -291,7 +298,8 @@ def read_png(path: Path, what: str = "image", size_px: int | None = None) -> np.
             or not ``size_px`` wide when given.
     """
     if not Path(path).is_file():
-        raise UserError(f"{what} {path} listed in {MANIFEST_FILE} is missing.")
+        problem = "is not a regular file" if Path(path).exists() else "is missing"
+        raise UserError(f"{what} {path} listed in {MANIFEST_FILE} {problem}.")
     image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if image is None:
         raise UserError(f"{what} {path} is not a readable image file.")

@@ -61,6 +61,8 @@ def test_manifest_round_trip_types(dataset: Path) -> None:
      r"has splits \['holdout'\]"),
     (lambda m: m.__setitem__("class_name", ["cancer", "cancer", "non_cancer", "cancer"]),
      "has label 0 but class_name 'cancer'"),
+    (lambda m: m.__setitem__("patient_id", ["P0", "P0", "P2", "P3"]),
+     r"patient P0 is in the splits \['train', 'val'\]; a patient must be in one split only"),
     (lambda m: m.__setitem__("path", ["a.png", "a.png", "b.png", "c.png"]),
      "lists some paths twice, e.g. a.png"),
     (lambda m: m.__setitem__("path", ["a.png", "../../etc/passwd", "b.png", "c.png"]),

@@ -27,7 +27,7 @@ from lungct.prepare.archives import MARKER_SUFFIX
 from lungct.prepare.candidates import Candidate
 from lungct.prepare.config import PrepareConfig
 from lungct.prepare.label_sources import Found, find_candidates
-from lungct.prepare.pseudonym import pseudonymise
+from lungct.prepare.pseudonym import Pseudonymiser, masked_logging, pseudonymise
 from lungct.prepare.render import RenderSettings, encode_png, render
 from lungct.prepare.split import Selection, balance, split_patients
 
@@ -145,10 +145,14 @@ def run(config: PrepareConfig) -> dict:
     output_dir = Path(config.output_dir)
     with (output_lock(output_dir, "prepare"),
           output_lock(Path(config.work_dir) / SOURCES_LOCK_NAME, "prepare")):
-        return _run_locked(config, output_dir)
+        if not config.pseudonymise:
+            return _run_locked(config, output_dir, None)
+        masker = Pseudonymiser(Path(config.work_dir), config.patient_regex)
+        with masked_logging(masker):
+            return _run_locked(config, output_dir, masker)
 
 
-def _run_locked(config: PrepareConfig, output_dir: Path) -> dict:
+def _run_locked(config: PrepareConfig, output_dir: Path, masker: Pseudonymiser | None) -> dict:
     source = _resolve_source(config)
     _check_not_nested(output_dir, source.root)
     files, links = _list_files(source.root)
@@ -157,13 +161,15 @@ def _run_locked(config: PrepareConfig, output_dir: Path) -> dict:
         LOG.info("%s is up to date (same settings and input): reusing it", output_dir)
         return contract.read_dataset_info(output_dir)
     LOG.info("source %s: %d files under %s", source.description, len(files), source.root)
-    found, skipped = _find_candidates(config, source, files, links)
+    found, skipped = _find_candidates(config, source, files, links, masker)
     selection = _split_and_balance(config, found.candidates, skipped)
     settings = _render_settings(config, found.label_source)
     staging = fresh_staging(output_dir)
     rows = _render_all(selection, settings, staging, config.workers, skipped)
     kill_point("prepare", "rendered")
     dataset = _describe(config, source, found, settings, selection, rows, skipped, input_hash)
+    if masker is not None:
+        dataset["source"] = masker.text(dataset["source"])
     contract.write_manifest(staging, rows)
     contract.write_skipped(staging, skipped)
     dataset["files_sha256"] = contract.dataset_files_sha256(staging)
@@ -187,17 +193,18 @@ def _resolve_source(config: PrepareConfig) -> sources.ResolvedSource:
 
 
 def _find_candidates(config: PrepareConfig, source: sources.ResolvedSource, files: list[Path],
-                     links: list[tuple[Path, str]]) -> tuple[Found, dict[str, str]]:
-    """Candidates from the label source, and a reason per unused file (relative names)."""
+                     links: list[tuple[Path, str]], masker: Pseudonymiser | None
+                     ) -> tuple[Found, dict[str, str]]:
+    """Candidates from the label source, and a reason per unused file (relative names), both
+    pseudonymised when ``masker`` is given."""
     root = source.root
     skipped: dict[Path, str] = dict(links)
     skipped.update({root / name: f"unsafe archive entry: {why}"
                     for name, why in source.refused_entries})
     found = find_candidates(config, root, files, skipped)
     skipped_rel = {p.relative_to(root).as_posix(): r for p, r in found.skipped.items()}
-    if config.pseudonymise:
-        candidates, skipped_rel = pseudonymise(found.candidates, found.skipped,
-                                               Path(config.work_dir), root)
+    if masker is not None:
+        candidates, skipped_rel = pseudonymise(found.candidates, skipped_rel, masker)
         found = dataclasses.replace(found, candidates=candidates)
     return found, skipped_rel
 

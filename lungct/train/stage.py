@@ -183,6 +183,7 @@ def _train_or_reuse(
                 model.save(temporary)
             record["model_sha256"] = file_sha256(run_dir / "model.keras")
             atomic_write_json(run_dir / "run.json", record)
+            kill_point("train", "run_saved")
             # The checkpoint protects a run in progress; model.keras now holds the same weights.
             (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
         else:
