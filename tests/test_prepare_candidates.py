@@ -1,13 +1,20 @@
-"""lungct.prepare.candidates: class folders and the labels CSV."""
+"""lungct.prepare.candidates: class folders, the labels CSV and the escape of file names."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from lungct.errors import UserError
-from lungct.prepare.candidates import class_from_path, csv_candidates, folder_candidates
+from lungct.prepare.candidates import (
+    class_from_path,
+    csv_candidates,
+    display_path,
+    folder_candidates,
+    relative_display_path,
+)
 
 
 @pytest.mark.parametrize(
@@ -90,3 +97,50 @@ def test_keys_of_image_files_are_unique(tmp_path):
     keys = [c.key for c in found]
     assert len(set(keys)) == 3
     assert all(key.startswith("cancer_P1_a-") for key in keys)
+
+
+@pytest.mark.parametrize(
+    ("raw", "shown"),
+    [
+        (b"cancer/a.png", "cancer/a.png"),
+        (b"bad\xff.dcm", "bad\\xff.dcm"),
+        (b"d\xc3\xa9j\xc3\xa0/\xfe\xfe.png", "d\u00e9j\u00e0/\\xfe\\xfe.png"),
+        (b"back\\slash.dcm", "back\\slash.dcm"),
+        (b"\xe9t\xe9.dcm", "\\xe9t\\xe9.dcm"),  # Latin-1 bytes are not UTF-8
+    ],
+)
+def test_display_path_escapes_undecodable_bytes(raw, shown):
+    """Each byte that is not valid UTF-8 is written \\xNN; valid names are unchanged."""
+    assert display_path(os.fsdecode(raw)) == shown
+    assert display_path(shown) == shown  # idempotent on what it writes
+    shown.encode("utf-8")  # always writable as UTF-8
+
+
+def _touch_bytes(root: Path, name: bytes) -> Path:
+    folder = os.fsencode(root)
+    os.makedirs(os.path.dirname(os.path.join(folder, name)), exist_ok=True)
+    with open(os.path.join(folder, name), "wb") as handle:
+        handle.write(b"x")
+    return Path(os.fsdecode(os.path.join(folder, name)))
+
+
+def test_undecodable_names_in_folder_and_csv_candidates(tmp_path):
+    """A file named with undecodable bytes is kept: its source_file is the escaped text, its
+    key is computed, and a labels CSV names it by that text."""
+    files = [_touch_bytes(tmp_path, b"cancer/P1/bad\xff.png"),
+             _touch_bytes(tmp_path, b"misc/odd\xfe.png")]
+    found, reasons = folder_candidates(tmp_path, files, lambda p: "P1")
+    assert [c.source_file for c in found] == ["cancer/P1/bad\\xff.png"]
+    assert found[0].key.startswith("cancer_P1_bad_xff-")
+    assert reasons == {files[1]: "no class-named folder in its path"}
+    labels = tmp_path / "labels.csv"
+    labels.write_text("path,label,patient_id\ncancer/P1/bad\\xff.png,1,P1\n", encoding="utf-8")
+    listed, unlisted = csv_candidates(labels, tmp_path, files)
+    assert [(c.source_file, c.label) for c in listed] == [("cancer/P1/bad\\xff.png", 1)]
+    assert unlisted == {files[1]: "not listed in --labels"}
+
+
+def test_relative_display_path(tmp_path):
+    """The relative path of a file under the root, POSIX separators, escaped."""
+    path = Path(os.fsdecode(os.fsencode(tmp_path) + b"/a/b\xff.dcm"))
+    assert relative_display_path(path, tmp_path) == "a/b\\xff.dcm"

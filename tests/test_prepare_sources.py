@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
+import shutil
 import stat
 import sys
 import tarfile
@@ -17,10 +19,11 @@ import pytest
 import requests
 
 from lungct.errors import UserError
+from lungct.prepare import archives
 from lungct.prepare import kaggle as kaggle_source
 from lungct.prepare.archives import extract_archive, read_refused_entries
 from lungct.prepare.kaggle import download_kaggle, kaggle_credentials_present, select_patient_files
-from lungct.prepare.sources import ResolvedSource, resolve_source
+from lungct.prepare.sources import ResolvedSource, listed_entry_name, resolve_source
 
 SLUG = "someone/lidc-mini"
 NESTED = {
@@ -215,15 +218,34 @@ def test_changed_archive_is_extracted_again(tmp_path: Path) -> None:
     assert files_under(folder) == {"other.txt": b"new content, longer than before"}
 
 
-def test_interrupted_extraction_is_redone(tmp_path: Path) -> None:
-    """A folder without its completeness marker (an interrupted run) is rebuilt from scratch."""
-    stale = tmp_path / "extracted" / "cohort"
-    stale.mkdir(parents=True)
-    (stale / "half_written.dcm").write_bytes(b"trunc")
-    (tmp_path / "extracted" / ".cohort.partial").mkdir()
-    folder = extract_archive(make_zip(tmp_path / "cohort.zip", NESTED), tmp_path / "extracted")
+def test_interrupted_extraction_is_redone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run killed before the rename leaves its .partial folder and its "in progress"
+    record; the next run removes both (lungct made them) and extracts afresh."""
+    archive = make_zip(tmp_path / "cohort.zip", NESTED)
+
+    class KilledBeforeRename:  # archives' view of os: the process dies at the rename
+        def __getattr__(self, name: str) -> object:
+            return getattr(os, name)
+
+        def replace(self, *args: object) -> None:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(archives, "os", KilledBeforeRename())
+    with pytest.raises(KeyboardInterrupt):
+        extract_archive(archive, tmp_path / "extracted")
+    monkeypatch.undo()
+    partial = tmp_path / "extracted" / ".cohort.partial"
+    record = json.loads((tmp_path / "extracted" / "cohort.lungct.json").read_text())
+    assert partial.is_dir() and set(record) == {"in_progress"}
+    assert record["in_progress"]["path"] == str(archive.resolve())
+    (partial / "half_written.dcm").write_bytes(b"trunc")
+    folder = extract_archive(archive, tmp_path / "extracted")
     assert files_under(folder) == NESTED
-    assert not (tmp_path / "extracted" / ".cohort.partial").exists()
+    assert not partial.exists()
+    assert set(json.loads((tmp_path / "extracted" / "cohort.lungct.json").read_text())) == {
+        "archive", "refused_entries"}
 
 
 def test_hostile_tar_entries_are_refused(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -326,6 +348,93 @@ def test_corrupt_archive_names_the_file(tmp_path: Path, name: str) -> None:
     with pytest.raises(UserError, match=rf"archive .*{name} is corrupt or unreadable"):
         extract_archive(archive, tmp_path / "extracted")
     assert not (tmp_path / "extracted" / name.split(".")[0]).exists()
+
+
+def fake_free_disk(monkeypatch: pytest.MonkeyPatch, free_bytes: int) -> None:
+    """Make every disk look as if ``free_bytes`` were free beyond lungct's reserve."""
+    real = shutil.disk_usage
+
+    def disk_usage(path: object) -> object:
+        usage = real(path)  # type: ignore[arg-type]
+        return usage._replace(free=free_bytes + archives.FREE_DISK_RESERVE_BYTES)
+
+    monkeypatch.setattr(shutil, "disk_usage", disk_usage)
+
+
+def test_zip_larger_than_the_free_disk_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A zip declaring more than the free space (less the reserve) is refused up front and
+    leaves nothing behind; the absolute cap still applies when the disk is roomier."""
+    archive = make_zip(tmp_path / "big.zip", {"zeros.bin": bytes(1000)})
+    fake_free_disk(monkeypatch, 999)
+    with pytest.raises(UserError, match=r"big\.zip declares 1,000 bytes of content, more than "
+                                        r"the 999 bytes free on the disk of .*extracted .*"
+                                        r"choose another --work-dir"):
+        extract_archive(archive, tmp_path / "extracted")
+    assert list((tmp_path / "extracted").iterdir()) == []
+    fake_free_disk(monkeypatch, 1000)
+    assert files_under(extract_archive(archive, tmp_path / "extracted")) == {
+        "zeros.bin": bytes(1000)}
+
+
+def test_tar_larger_than_the_free_disk_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tar whose content outgrows the free space is stopped while it is written."""
+    archive = make_tar_gz(tmp_path / "big.tgz", {"a.bin": bytes(600), "b.bin": bytes(600)})
+    fake_free_disk(monkeypatch, 1000)
+    with pytest.raises(UserError, match=r"big\.tgz expands to more than the 1,000 bytes free"):
+        extract_archive(archive, tmp_path / "extracted", max_total_bytes=5000)
+    assert list((tmp_path / "extracted").iterdir()) == []
+
+
+def test_zip_with_undecodable_utf8_names_is_one_sentence(tmp_path: Path) -> None:
+    """A zip flagging its names UTF-8 when they are not is refused, not a crash."""
+    raw = bytearray(make_zip(tmp_path / "flagged.zip", {"name_x.dcm": b"x"}).read_bytes())
+    raw[:] = raw.replace(b"name_x", b"name\xffx")  # in the local and the central header
+    raw[raw.find(b"PK\x03\x04") + 7] |= 0x08  # general purpose flag bit 11: names are UTF-8
+    raw[raw.find(b"PK\x01\x02") + 9] |= 0x08
+    archive = tmp_path / "flagged.zip"
+    archive.write_bytes(bytes(raw))
+    with pytest.raises(UserError, match=r"flagged\.zip is corrupt or unreadable"):
+        extract_archive(archive, tmp_path / "extracted")
+
+
+def test_entry_name_the_file_system_refuses(tmp_path: Path) -> None:
+    """An entry whose name is too long for the file system is refused and recorded."""
+    long_name = "d/" + "x" * 300 + ".dcm"
+    folder = extract_archive(make_tar_gz(tmp_path / "long.tgz", {long_name: b"x", "ok": b"y"}),
+                             tmp_path / "extracted")
+    assert files_under(folder) == {"ok": b"y"}
+    [(name, reason)] = read_refused_entries(folder)
+    assert name == long_name and reason.startswith("name the file system refuses")
+
+
+def test_refused_names_are_listed_relative_and_escaped(tmp_path: Path) -> None:
+    """Absolute, '..' and undecodable entry names are listed so that they stay relative to
+    the extracted folder and are valid UTF-8."""
+    archive = tmp_path / "names.tar"
+    with tarfile.open(archive, "w", encoding="utf-8", errors="surrogateescape") as tar:
+        add_tar_file(tar, "/abs/path.txt", b"a")
+        add_tar_file(tar, os.fsdecode(b"../bad\xff.txt"), b"b")
+        add_tar_file(tar, os.fsdecode(b"ok/bad\xfe.dcm"), b"kept")
+    result = resolve("local", tmp_path / "work", input_path=archive)
+    assert dict(result.refused_entries) == {
+        "\\x2fabs/path.txt": "absolute path", "../bad\\xff.txt": "'..' path component"}
+    for name, _ in result.refused_entries:
+        assert not Path(name).is_absolute() and name.encode("utf-8")
+        assert (result.root / name).relative_to(result.root).as_posix() == name
+    assert files_under(result.root) == {os.fsdecode(b"ok/bad\xfe.dcm"): b"kept"}
+
+
+def test_listed_entry_name() -> None:
+    """The stated escapes of skipped.csv for archive entries."""
+    assert listed_entry_name("/etc/passwd") == "\\x2fetc/passwd"
+    assert listed_entry_name("x.zip!//abs") == "x.zip!/\\x2fabs"
+    assert listed_entry_name("../evil.txt") == "../evil.txt"
+    assert listed_entry_name("a\x00b") == "a\\x00b"
+    assert listed_entry_name(os.fsdecode(b"\xff/x")) == "\\xff/x"
 
 
 # --------------------------------------------------------------------------- local source
@@ -480,6 +589,32 @@ def test_archives_in_a_limited_download_are_extracted_safely(
     assert read_refused_entries(root) == [
         ("LIDC-IDRI-0001/LIDC-IDRI-0001.zip!/../evil", "'..' path component")
     ]
+
+
+def test_unsafe_kaggle_file_names_are_not_downloaded(caplog: pytest.LogCaptureFixture) -> None:
+    """Listed names that could land outside the download folder are dropped with a warning."""
+    names = ["LIDC-IDRI-0001/a.dcm", "../LIDC-IDRI-0001/b.dcm", "/LIDC-IDRI-0001/c.dcm",
+             "x\\..\\..\\d.xml", "C:/LIDC-IDRI-0002/e.dcm", "notes.txt"]
+    with caplog.at_level(logging.WARNING, logger="lungct.prepare.kaggle"):
+        selected, n_patients = select_patient_files(names, max_patients=5)
+    assert selected == ["LIDC-IDRI-0001/a.dcm", "notes.txt"] and n_patients == 1
+    assert caplog.text.count("is not downloaded") == 4
+
+
+def test_nested_archive_next_to_a_downloaded_folder_of_its_name(
+    tmp_path: Path, install_kaggle
+) -> None:
+    """A per-patient archive whose extraction folder name is taken by downloaded files: the
+    download stops with one sentence and the downloaded files are left as they are."""
+    bundle = make_zip(tmp_path / "p1.zip", {"s/1-001.dcm": b"p1"}).read_bytes()
+    files = {"LIDC-IDRI-0001/LIDC-IDRI-0001.zip": bundle,
+             "LIDC-IDRI-0001/LIDC-IDRI-0001/1-002.dcm": b"downloaded", "LIDC-IDRI-0002/x": b""}
+    install_kaggle(FakeKaggleApi(files))
+    with pytest.raises(UserError, match=r"LIDC-IDRI-0001 \(or its \.partial folder .*\) exists "
+                                        r"and was not made by lungct"):
+        download_kaggle(SLUG, tmp_path / "raw", tmp_path / "extracted", max_patients=1)
+    folder = tmp_path / "raw" / "first-1-patients" / "LIDC-IDRI-0001" / "LIDC-IDRI-0001"
+    assert files_under(folder) == {"1-002.dcm": b"downloaded"}
 
 
 def test_deleted_zip_reuses_its_extraction(tmp_path: Path, install_kaggle) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -32,6 +33,8 @@ __all__ = [
     "lidc_candidates",
     "class_from_path",
     "csv_candidates",
+    "display_path",
+    "relative_display_path",
     "folder_candidates",
 ]
 
@@ -46,6 +49,29 @@ CLASS_KEYWORDS: dict[int, frozenset[str]] = {
     1: frozenset({"cancer", "cancerous", "malignant", "malignancy", "tumor", "tumour",
                   "positive", "carcinoma", "adenocarcinoma"}),
 }
+
+
+def display_path(relative: str) -> str:
+    """A relative path as it is written in manifest.csv ``source_file`` and skipped.csv ``file``.
+
+    File names need not be valid UTF-8: on Linux ``os.walk`` returns the undecodable bytes of
+    a name as lone surrogates (``surrogateescape``), which no UTF-8 file can hold. The stated
+    escape: each byte that is not part of valid UTF-8 is written ``\\xNN`` (two lower-case hex
+    digits), i.e. ``os.fsencode(relative).decode("utf-8", "backslashreplace")``; valid names,
+    backslashes in them included, are returned unchanged. So the file ``b"bad\\xff.dcm"`` is
+    listed as the text ``bad\\xff.dcm``. The escape is for reading only: the file itself is
+    still opened by its real name.
+    """
+    try:
+        raw = os.fsencode(relative)
+    except UnicodeEncodeError:  # a surrogate os.walk never makes (e.g. from a JSON record)
+        raw = relative.encode("utf-8", "surrogatepass")
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def relative_display_path(path: Path, root: Path) -> str:
+    """``path`` relative to ``root``, POSIX separators, as :func:`display_path` writes it."""
+    return display_path(path.relative_to(root).as_posix())
 
 
 @dataclass(frozen=True)
@@ -103,7 +129,8 @@ class Candidate:
         # A readable stem plus a digest of the whole relative path, so that a.png, a.jpg and
         # folders whose names only differ in punctuation never share an output name.
         stem = re.sub(r"[^A-Za-z0-9_-]+", "_", self.source_file.rsplit(".", 1)[0])
-        return f"{stem}-{hashlib.sha256(self.source_file.encode()).hexdigest()[:8]}"
+        digest = hashlib.sha256(self.source_file.encode("utf-8", "surrogateescape"))
+        return f"{stem}-{digest.hexdigest()[:8]}"
 
 
 def _slice_samples(
@@ -249,7 +276,7 @@ def csv_candidates(
     candidates: list[Candidate] = []
     reasons: dict[Path, str] = {}
     for path in files:
-        rel = path.relative_to(root).as_posix()
+        rel = relative_display_path(path, root)
         if rel not in listed:
             reasons[path] = "not listed in --labels"
             continue
@@ -267,7 +294,7 @@ def folder_candidates(
     candidates: list[Candidate] = []
     reasons: dict[Path, str] = {}
     for path in files:
-        rel = path.relative_to(root).as_posix()
+        rel = relative_display_path(path, root)
         if any("mask" in part.lower() for part in Path(rel).parts):
             reasons[path] = "mask image, never a sample"
             continue

@@ -27,9 +27,11 @@ from lungct.prepare.archives import (
     archive_suffix,
     describe_error,
     extract_archive,
+    extraction_folder,
     marker_path,
     read_marker,
     read_refused_entries,
+    unsafe_name_reason,
 )
 
 __all__ = [
@@ -121,6 +123,8 @@ def _read_json_object(path: Path) -> dict[str, Any]:
 
 
 def check_slug(slug: str) -> None:
+    """Refuse a ``--kaggle-dataset`` that is not ``owner/dataset``; so ``owner_dataset`` is
+    always one safe folder name (no separator, never ``.`` or ``..``)."""
     if not _KAGGLE_SLUG.fullmatch(slug):
         raise UserError(
             f"--kaggle-dataset must look like owner/dataset (as in the dataset's URL), got {slug!r}"
@@ -134,7 +138,8 @@ def select_patient_files(names: Iterable[str], max_patients: int) -> tuple[list[
     ``LIDC-IDRI-0001-0200`` name none); patients are taken in id order. Files naming no
     patient are kept when they are readings or metadata (``.xml``, ``.csv``, ``.json``,
     ``.txt``, e.g. an ``LIDC-XML-only/`` tree) and dropped otherwise (they may be images or
-    archives of any patient).
+    archives of any patient). Names that could land outside the download folder (absolute,
+    ``..`` components, drive letters, NUL) are dropped with a warning.
 
     Returns:
         The selected names, sorted, and the number of patients in the list (0 when no file
@@ -145,6 +150,10 @@ def select_patient_files(names: Iterable[str], max_patients: int) -> tuple[list[
     by_patient: dict[str, list[str]] = {}
     shared: list[str] = []
     for name in names:
+        unsafe = unsafe_name_reason(name)
+        if unsafe is not None:
+            LOG.warning("Kaggle file %r is not downloaded: %s", name, unsafe)
+            continue
         patient_ids = _PATIENT_ID.findall(name)
         if patient_ids:
             by_patient.setdefault(patient_ids[-1], []).append(name)
@@ -162,12 +171,13 @@ def download_kaggle(
     """Download a Kaggle dataset (or its first patients) and return the folder to scan.
 
     The whole dataset is Kaggle's zip in ``download_dir/all/``, extracted safely into
-    ``extract_root/<dataset>/``. With ``max_patients``, the dataset's file list is read and
-    the files of the first patients (:func:`select_patient_files`) are downloaded one by one
-    into ``download_dir/first-<N>-patients/``, archives among them extracted beside
-    themselves; when no file names a patient, or all are asked for, the whole dataset is
-    downloaded instead. A completed download (marker beside its folder) is reused without
-    contacting Kaggle; an interrupted one is resumed by the kaggle package.
+    ``extract_root/<dataset>/`` (:func:`~lungct.prepare.archives.extraction_folder`). With
+    ``max_patients``, the dataset's file list is read and the files of the first patients
+    (:func:`select_patient_files`) are downloaded one by one into
+    ``download_dir/first-<N>-patients/``, archives among them extracted beside themselves;
+    when no file names a patient, or all are asked for, the whole dataset is downloaded
+    instead. A completed download (marker beside its folder) is reused without contacting
+    Kaggle; an interrupted one is resumed by the kaggle package. Nothing is ever deleted.
 
     Args:
         slug: ``owner/dataset``.
@@ -232,8 +242,8 @@ def _reusable_whole_dataset(
     if archive.is_file():
         LOG.info("reusing the Kaggle download %s", archive)
         return extract_archive(archive, extract_root)
-    extracted = extract_root / archive.name.removesuffix(".zip")
-    if read_marker(extracted).get("archive", {}).get("name") == archive.name:
+    extracted = extraction_folder(archive, extract_root)
+    if read_marker(extracted).get("archive", {}).get("path") == str(archive.resolve()):
         LOG.info("reusing %s (its downloaded zip has been deleted)", extracted)
         return extracted
     return None

@@ -2,7 +2,9 @@
 
 LIDC XML readings win when any readings file is present; otherwise a ``--labels`` CSV;
 otherwise class-named folders (docs/lidc_format.md). Every input file that cannot be a
-candidate gets a reason for skipped.csv.
+candidate gets a reason for skipped.csv. Relative names (a candidate's ``source_file``, the
+patient regex's subject) are made by :func:`~lungct.prepare.candidates.relative_display_path`,
+so file names that are not valid UTF-8 are kept and written with its stated escape.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from lungct.prepare.candidates import (
     csv_candidates,
     folder_candidates,
     lidc_candidates,
+    relative_display_path,
 )
 from lungct.prepare.lidc_xml import (
     LidcParseError,
@@ -70,7 +73,9 @@ def _index_dicom(files: list[Path], workers: int, skipped: dict[Path, str]) -> l
 
 def _from_lidc(config: PrepareConfig, root: Path, files: list[Path], xml_files: list[Path],
                skipped: dict[Path, str]) -> Found:
-    rel = lambda path: path.relative_to(root).as_posix()  # noqa: E731
+    def rel(path: Path) -> str:
+        return relative_display_path(path, root)
+
     readings_by_series: dict[str, Readings] = {}
     for path in xml_files:
         try:
@@ -118,7 +123,7 @@ def _patient_finder(config: PrepareConfig, root: Path) -> Callable[[Path], str |
                 patient = ""
             if patient:
                 return patient
-        match = pattern.search(path.relative_to(root).as_posix())
+        match = pattern.search(relative_display_path(path, root))
         return match.group(0) if match else None
 
     return patient_of
@@ -142,6 +147,15 @@ def _from_user_labels(config: PrepareConfig, root: Path, files: list[Path],
 
 def find_candidates(config: PrepareConfig, root: Path, files: list[Path],
                      skipped: dict[Path, str]) -> Found:
+    """Candidates of the input tree ``root`` (its ``files``) from the label source that applies.
+
+    ``skipped`` (reasons keyed by path) is completed with every file that is not a candidate
+    and returned in :class:`Found`; the caller makes relative names of its keys with
+    :func:`~lungct.prepare.candidates.relative_display_path`.
+
+    Raises:
+        UserError: no usable labels at all.
+    """
     xml_files = [f for f in files if f.suffix.lower() == ".xml"]
     if any(is_lidc_readings_file(f) for f in xml_files):
         if config.labels_csv is not None:

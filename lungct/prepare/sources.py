@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import importlib
 import logging
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,18 +24,23 @@ from lungct.prepare.archives import (
     extract_archive,
     read_refused_entries,
 )
+from lungct.prepare.candidates import display_path
 from lungct.prepare.kaggle import (
     check_slug,
     download_kaggle,
     kaggle_credentials_present,
 )
 
-__all__ = ["DEFAULT_KAGGLE_DATASET", "SOURCES", "ResolvedSource", "resolve_source"]
+__all__ = [
+    "DEFAULT_KAGGLE_DATASET", "SOURCES", "ResolvedSource", "listed_entry_name", "resolve_source",
+]  # fmt: skip
 
 LOG = logging.getLogger(__name__)
 
 SOURCES = ("auto", "local", "kaggle", "synthetic")
 DEFAULT_KAGGLE_DATASET = "washingtongold/lidcidri30"
+#: A "/" at the start of a listed entry name or right after another "/" (an absolute part).
+_EMPTY_COMPONENT_SLASH = re.compile(r"(?<![^/])/")
 
 
 @dataclass(frozen=True)
@@ -43,16 +50,36 @@ class ResolvedSource:
     Attributes:
         kind: ``"local"``, ``"kaggle"`` or ``"synthetic"``.
         root: folder to scan (for an archive, the folder it was extracted to).
-        description: provenance for dataset.json: ``local:<path as given>``,
-            ``kaggle:<slug>`` or ``synthetic``.
-        refused_entries: ``(entry name, reason)`` for every archive entry refused as unsafe;
-            for an archive nested in a Kaggle download the name is ``<archive>!/<entry>``.
+        description: provenance for dataset.json: ``local:<path as given>`` (written as
+            :func:`~lungct.prepare.candidates.display_path` writes names), ``kaggle:<slug>``
+            or ``synthetic``.
+        refused_entries: ``(listed name, reason)`` for every archive entry refused as unsafe,
+            the name as :func:`listed_entry_name` writes it (relative to ``root``, safe to
+            join to it); for an archive nested in a Kaggle download the name is
+            ``<archive>!/<entry>``.
     """
 
     kind: str
     root: Path
     description: str
     refused_entries: tuple[tuple[str, str], ...] = ()
+
+
+def listed_entry_name(name: str) -> str:
+    """How a refused archive entry is listed in skipped.csv's ``file`` column.
+
+    The entry name as stored in the archive, with the escapes of
+    :func:`~lungct.prepare.candidates.display_path` (undecodable bytes written ``\\xNN``),
+    and, so that the listing stays a relative name under the extracted folder, a ``/`` that
+    starts the name or follows another ``/`` written ``\\x2f`` and a NUL written ``\\x00``:
+    the absolute entry ``/abs/path.txt`` is listed as ``\\x2fabs/path.txt``. Other names,
+    ``../evil.txt`` included, are listed as they are.
+    """
+    return _EMPTY_COMPONENT_SLASH.sub(r"\\x2f", display_path(name)).replace("\x00", "\\x00")
+
+
+def _listed(entries: Iterable[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+    return tuple((listed_entry_name(name), reason) for name, reason in entries)
 
 
 def resolve_source(
@@ -117,7 +144,7 @@ def _choose_source(input_path: Path | None) -> str:
 
 
 def _resolve_local(input_path: Path, work_dir: Path) -> ResolvedSource:
-    description = f"local:{input_path}"
+    description = f"local:{display_path(str(input_path))}"
     if not input_path.exists():
         raise UserError(f"input path {input_path} does not exist")
     if input_path.is_dir():
@@ -128,7 +155,7 @@ def _resolve_local(input_path: Path, work_dir: Path) -> ResolvedSource:
             f"({', '.join(ARCHIVE_SUFFIXES)})"
         )
     folder = extract_archive(input_path, work_dir / "extracted")
-    return ResolvedSource("local", folder, description, tuple(read_refused_entries(folder)))
+    return ResolvedSource("local", folder, description, _listed(read_refused_entries(folder)))
 
 
 def _resolve_kaggle(slug: str, work_dir: Path, max_patients: int | None) -> ResolvedSource:
@@ -142,7 +169,7 @@ def _resolve_kaggle(slug: str, work_dir: Path, max_patients: int | None) -> Reso
         )
     download_dir = work_dir / "raw_kaggle" / slug.replace("/", "_")
     root = download_kaggle(slug, download_dir, work_dir / "extracted", max_patients)
-    return ResolvedSource("kaggle", root, f"kaggle:{slug}", tuple(read_refused_entries(root)))
+    return ResolvedSource("kaggle", root, f"kaggle:{slug}", _listed(read_refused_entries(root)))
 
 
 def _resolve_synthetic(

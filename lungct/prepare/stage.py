@@ -24,7 +24,7 @@ from lungct.locking import output_lock
 from lungct.parallel import pool_map
 from lungct.prepare import dicom, sources
 from lungct.prepare.archives import MARKER_SUFFIX
-from lungct.prepare.candidates import Candidate
+from lungct.prepare.candidates import Candidate, relative_display_path
 from lungct.prepare.config import PrepareConfig
 from lungct.prepare.label_sources import Found, find_candidates
 from lungct.prepare.pseudonym import Pseudonymiser, masked_logging, pseudonymise
@@ -60,7 +60,7 @@ def _input_hash(config: PrepareConfig, root: Path, files: list[Path], descriptio
                 "schema_version": contract.SCHEMA_VERSION}
     labels = () if config.labels_csv is None else (Path(config.labels_csv),)
     return fingerprint(settings, contents=labels,
-                       listing=((path.relative_to(root).as_posix(), path) for path in files))
+                       listing=((relative_display_path(path, root), path) for path in files))
 
 
 # ----------------------------------------------------------------------------- writing
@@ -202,7 +202,7 @@ def _find_candidates(config: PrepareConfig, source: sources.ResolvedSource, file
     skipped.update({root / name: f"unsafe archive entry: {why}"
                     for name, why in source.refused_entries})
     found = find_candidates(config, root, files, skipped)
-    skipped_rel = {p.relative_to(root).as_posix(): r for p, r in found.skipped.items()}
+    skipped_rel = {relative_display_path(p, root): r for p, r in found.skipped.items()}
     if masker is not None:
         candidates, skipped_rel = pseudonymise(found.candidates, skipped_rel, masker)
         found = dataclasses.replace(found, candidates=candidates)
