@@ -2,7 +2,8 @@
 
 The input is a synthetic LIDC-format cohort dressed as a hospital export: hospital-style
 patient ids (``HOSP`` + digits, which ``--patient-regex`` does not match) in the headers and
-the folder names, files named ``<SOPInstanceUID>.dcm``, and an id in the input folder's name.
+the folder names, files named ``<SOPInstanceUID>.dcm``, an id in the input folder's name, and a
+patient whose series has no readings (no samples: its id is only in headers and skipped files).
 The three stages run as processes with ``--verbose``; every byte they write and log is searched.
 """
 
@@ -13,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pydicom
+from pydicom.uid import generate_uid
 
 from lungct.synthetic.cohort import generate_cohort
 
@@ -42,7 +44,24 @@ def _hospital_export(tmp_path: Path) -> tuple[Path, set[str]]:
                             slice_.SOPInstanceUID}
             slice_.PatientID = hospital_id
             slice_.save_as(target_dir / f"{slice_.SOPInstanceUID}.dcm")
+    _add_patient_without_readings(cohort, export, identifiers)
     return export, identifiers
+
+
+def _add_patient_without_readings(cohort: Path, export: Path, identifiers: set[str]) -> None:
+    """A patient whose series has no XML: no samples, only skipped files and header ids."""
+    first = sorted(cohort.rglob("*.dcm"))[:4]
+    series_uid = generate_uid()
+    identifiers |= {"HOSP99999", series_uid}
+    for path in first:
+        slice_ = pydicom.dcmread(path)
+        slice_.PatientID = "HOSP99999"
+        slice_.SeriesInstanceUID = series_uid
+        slice_.SOPInstanceUID = slice_.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        identifiers.add(slice_.SOPInstanceUID)
+        folder = export / "HOSP99999" / "study" / series_uid
+        folder.mkdir(parents=True, exist_ok=True)
+        slice_.save_as(folder / f"{slice_.SOPInstanceUID}.dcm")
 
 
 def _run(script: str, *args: str, cwd: Path) -> str:

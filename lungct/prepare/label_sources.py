@@ -52,12 +52,15 @@ def _header_or_reason(path: Path) -> dicom.SliceHeader | str:
 
 @dataclass
 class Found:
-    """Candidates, reasons for files that are not, the label source and nodule outcomes."""
+    """Candidates, reasons for files that are not, the label source, nodule outcomes, and the
+    PatientID (0010,0020) of every DICOM header read (for pseudonyms of patients without
+    samples too)."""
 
     candidates: list[Candidate]
     skipped: dict[Path, str]
     label_source: str
     outcomes: dict[str, int] = field(default_factory=dict)
+    patient_ids: frozenset[str] = frozenset()
 
 
 def _index_dicom(files: list[Path], workers: int, skipped: dict[Path, str]) -> list:
@@ -109,7 +112,8 @@ def _from_lidc(config: PrepareConfig, root: Path, files: list[Path], xml_files: 
     for uid, readings in readings_by_series.items():
         if uid not in matched:
             skipped[readings.path] = "readings for a series that is not in the input"
-    return Found(candidates, skipped, "lidc_xml", dict(sorted(outcomes.items())))
+    return Found(candidates, skipped, "lidc_xml", dict(sorted(outcomes.items())),
+                 frozenset(h.patient_id for h in headers))
 
 
 def _patient_finder(config: PrepareConfig, root: Path) -> Callable[[Path], str | None]:
@@ -133,7 +137,8 @@ def _from_user_labels(config: PrepareConfig, root: Path, files: list[Path],
                       skipped: dict[Path, str]) -> Found:
     images = [f for f in files if f.suffix.lower() in IMAGE_SUFFIXES]
     others = [f for f in files if f.suffix.lower() not in IMAGE_SUFFIXES]
-    usable = images + [h.path for h in _index_dicom(others, config.workers, skipped)]
+    headers = _index_dicom(others, config.workers, skipped)
+    usable = images + [h.path for h in headers]
     usable.sort()
     if config.labels_csv is not None:
         candidates, reasons = csv_candidates(Path(config.labels_csv), root, usable)
@@ -142,7 +147,7 @@ def _from_user_labels(config: PrepareConfig, root: Path, files: list[Path],
         candidates, reasons = folder_candidates(root, usable, _patient_finder(config, root))
         source = "class_folders"
     skipped.update(reasons)
-    return Found(candidates, skipped, source)
+    return Found(candidates, skipped, source, patient_ids=frozenset(h.patient_id for h in headers))
 
 
 def find_candidates(config: PrepareConfig, root: Path, files: list[Path],

@@ -204,6 +204,7 @@ def _find_candidates(config: PrepareConfig, source: sources.ResolvedSource, file
     found = find_candidates(config, root, files, skipped)
     skipped_rel = {relative_display_path(p, root): r for p, r in found.skipped.items()}
     if masker is not None:
+        masker.add_patients(found.patient_ids)
         candidates, skipped_rel = pseudonymise(found.candidates, skipped_rel, masker)
         found = dataclasses.replace(found, candidates=candidates)
     return found, skipped_rel
