@@ -1,4 +1,5 @@
-"""lungct.prepare.dicom: headers, series assembly, HU conversion, windowing, resizing."""
+"""lungct.prepare.dicom (headers, series assembly) and the pixel side of lungct.prepare.render
+(HU conversion, windowing, resizing)."""
 
 from __future__ import annotations
 
@@ -9,27 +10,27 @@ import numpy as np
 import pytest
 from pydicom.data import get_testdata_file
 
-from lungct.prepare import dicom
+from lungct.prepare import dicom, render
 
 
 def test_apply_window_dicom_linear_function():
     """PS3.3 C.11.2.1.2.1: centre maps to mid-grey, edges to 0 and 255."""
     hu = np.array([-1400.0, -1350.5, -600.0, 149.5, 200.0])
-    out = dicom.apply_window(hu, -600.0, 1500.0)
+    out = render.apply_window(hu, -600.0, 1500.0)
     assert out.dtype == np.uint8
     assert out.tolist() == [0, 0, 128, 255, 255]
 
 
 def test_apply_window_width_one_is_a_threshold():
     """Width 1 is a step at centre - 0.5."""
-    assert dicom.apply_window(np.array([-1.0, 0.0]), 0.0, 1.0).tolist() == [0, 255]
+    assert render.apply_window(np.array([-1.0, 0.0]), 0.0, 1.0).tolist() == [0, 255]
 
 
 @pytest.mark.parametrize("width", [0.0, -5.0])
 def test_apply_window_refuses_width_below_one(width):
     """Degenerate windows are refused with the value."""
     with pytest.raises(ValueError, match="window width must be >= 1 HU"):
-        dicom.apply_window(np.zeros(2), 0.0, width)
+        render.apply_window(np.zeros(2), 0.0, width)
 
 
 def test_parse_window():
@@ -44,13 +45,13 @@ def test_read_hu_rescale_and_padding(ct_slice):
     """HU = stored x slope + intercept; Pixel Padding Value becomes air."""
     hu = np.array([[-1000, 0], [80, 400]], dtype=float)
     path = ct_slice("a.dcm", hu, padding_value=-2000)
-    out, inverted = dicom.read_hu(path)
+    out, inverted = render.read_hu(path)
     np.testing.assert_allclose(out, hu)
     assert not inverted
 
     padded = hu.copy()
     padded[0, 0] = -2000 - 1024  # stored value -2000 = padding
-    out, _ = dicom.read_hu(ct_slice("b.dcm", padded, padding_value=-2000))
+    out, _ = render.read_hu(ct_slice("b.dcm", padded, padding_value=-2000))
     assert out[0, 0] == dicom.AIR_HU
     assert out[1, 1] == 400
 
@@ -58,13 +59,13 @@ def test_read_hu_rescale_and_padding(ct_slice):
 def test_read_hu_slope_two(ct_slice):
     """A slope other than 1 scales the stored values."""
     hu = np.array([[-1000.0, 100.0]])
-    out, _ = dicom.read_hu(ct_slice("s.dcm", hu, slope=2.0, intercept=-1000.0))
+    out, _ = render.read_hu(ct_slice("s.dcm", hu, slope=2.0, intercept=-1000.0))
     np.testing.assert_allclose(out, hu)
 
 
 def test_monochrome1_flagged(ct_slice):
     """MONOCHROME1 is reported so the renderer inverts the display."""
-    _, inverted = dicom.read_hu(ct_slice("m.dcm", np.zeros((2, 2)), photometric="MONOCHROME1"))
+    _, inverted = render.read_hu(ct_slice("m.dcm", np.zeros((2, 2)), photometric="MONOCHROME1"))
     assert inverted
 
 
@@ -146,7 +147,7 @@ def test_assemble_series_sorts_and_drops_duplicate_z(ct_slice):
 def test_square_and_resize_pads_with_fill():
     """A 2x4 image becomes a 4x4 square padded with fill, then resized."""
     image = np.ones((2, 4), dtype=np.float32)
-    out, scale = dicom.square_and_resize(image, 2, fill=0.0)
+    out, scale = render.square_and_resize(image, 2, fill=0.0)
     assert scale == 2.0
     np.testing.assert_allclose(out, [[0.5, 0.5], [0.5, 0.5]])
 
@@ -169,4 +170,43 @@ def test_compressed_without_decoder_is_skipped(tmp_path, monkeypatch):
     monkeypatch.setattr(dicom, "get_decoder", lambda uid: NoDecoder())
     with pytest.raises(dicom.UnusableFileError, match="compressed transfer syntax JPEG 2000 Image "
                                               "Compression \\(Lossless Only\\) with no installed"):
+        dicom.read_header(path)
+
+
+def test_absent_rescale_and_thickness_take_their_defaults(ct_slice):
+    """Without (0028,1053), (0028,1052) and (0018,0050): slope 1, intercept 0, no thickness."""
+    import pydicom
+
+    path = ct_slice("d.dcm", np.array([[-1000.0, 40.0]]))
+    ds = pydicom.dcmread(path)
+    del ds.RescaleSlope, ds.RescaleIntercept, ds.SliceThickness
+    ds.save_as(path)
+    assert dicom.read_header(path).slice_thickness_mm is None
+    out, _ = render.read_hu(path)
+    np.testing.assert_array_equal(out, [[24.0, 1064.0]])  # the stored values
+
+
+def test_deflated_file_with_a_long_meta_is_read(ct_slice):
+    """A file meta longer than the 4 KB sniffed is parsed by pydicom; the deflated data set
+    is still measured before reading, then read."""
+    import pydicom
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    hu = np.array([[-1000.0, 40.0], [80.0, 400.0]])
+    path = ct_slice("long_meta.dcm", hu)
+    ds = pydicom.dcmread(path)
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds.file_meta.PrivateInformationCreatorUID = "1.2.3.4"
+    ds.file_meta.PrivateInformation = b"\0" * 8192
+    ds.save_as(path)
+    assert dicom.read_header(path).rows == 2
+    np.testing.assert_array_equal(render.read_hu(path)[0], hu)
+
+
+def test_header_rules_name_tag_value_and_allowed_range(ct_slice):
+    """A bad number is refused by indexing with its tag, name, value and the allowed range."""
+    path = ct_slice("t.dcm", np.zeros((2, 2)), slope=5000.0)
+    with pytest.raises(dicom.UnusableFileError, match=(
+            r"^invalid \(0028,1053\) Rescale Slope: 5000(\.0)?; allowed: 0\.001 <= \|slope\| "
+            r"<= 1000$")):
         dicom.read_header(path)

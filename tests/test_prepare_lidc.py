@@ -268,6 +268,59 @@ def test_parse_refuses_non_numeric_coordinate(tmp_path: Path) -> None:
         parse_readings(write(tmp_path, text))
 
 
+@pytest.mark.parametrize(("x", "z", "message"), [
+    ("nan", 1.0, r"xCoord 'nan' is not finite"),
+    ("-inf", 1.0, r"xCoord '-inf' is not finite"),
+    ("1e300", 1.0, r"xCoord '1e300' is outside \+-65536"),
+    (70000, 1.0, r"xCoord '70000' is outside \+-65536"),
+    (5, "inf", r"imageZposition 'inf' is not finite"),
+    (5, 20000, r"imageZposition '20000' is outside \+-10000"),
+])
+def test_parse_refuses_non_finite_or_absurd_coordinates(tmp_path: Path, x, z, message) -> None:
+    """Coordinates must be finite and within MAX_ABS_XY_PX / MAX_ABS_Z_MM."""
+    text = document([nodule_xml("7", [roi_xml(z, [(x, 2)])])])
+    with pytest.raises(LidcParseError, match=rf"^reader 0 nodule '7': {message}$"):
+        parse_readings(write(tmp_path, text))
+
+
+def test_parse_refuses_absurd_non_nodule_locus(tmp_path: Path) -> None:
+    """nonNodule loci are held to the same bounds."""
+    text = document([non_nodule_xml("9", 1.0, 5, "1e9")])
+    with pytest.raises(LidcParseError, match=r"yCoord '1e9' is outside \+-65536"):
+        parse_readings(write(tmp_path, text))
+
+
+@pytest.mark.parametrize(("cap", "value", "message"), [
+    ("MAX_POINTS_PER_ROI", 3, r"^reader 0 nodule 'n0': edgeMap points in one roi: more than 3$"),
+    ("MAX_ROIS_PER_MARK", 1, r"^reader 0 nodule 'n0': rois in one mark: more than 1$"),
+    ("MAX_MARKS_PER_FILE", 2, r"^nodule marks \(unblindedReadNodule\): more than 2$"),
+    ("MAX_ROIS_PER_FILE", 5, r"^rois in the file: more than 5$"),
+    ("MAX_XML_ELEMENTS", 50, r"^XML elements: more than 50$"),
+])
+def test_parse_refuses_files_over_a_cap(tmp_path: Path, monkeypatch, cap, value, message) -> None:
+    """Each cap refuses the whole file with a reason naming what was counted and the cap."""
+    import lungct.prepare.lidc_xml as lidc_xml
+
+    monkeypatch.setattr(lidc_xml, cap, value)
+    marks = [nodule_xml(f"n{i}", [roi_xml(z, square(0, 0, 2, 2)) for z in (0.0, 2.5)])
+             for i in range(3)]
+    with pytest.raises(LidcParseError, match=message):
+        parse_readings(write(tmp_path, document(marks)))
+
+
+def test_far_from_marks_and_nodule_slices_match_all_pairs() -> None:
+    """The sorted-neighbour search equals the all-pairs minimum it replaced, exactly."""
+    rng = np.random.default_rng(3)
+    slice_z = np.round(rng.uniform(-200, 200, 300), 2)
+    mark_z = np.round(rng.uniform(-150, 150, 700), 1)
+    gaps = np.abs(slice_z[:, None] - mark_z[None, :]).min(axis=1)
+    assert far_from_marks(slice_z, mark_z, 1.5).tolist() == (gaps >= 1.5 - 1e-6).tolist()
+    nodule = nodule_of([mark(0, {"malignancy": 4}, [square_contour(1, 1, 4, 4, z_mm=float(z))
+                                                    for z in mark_z[:40]])])
+    assert nodule_slices(nodule, slice_z, 0.7) == np.flatnonzero(
+        np.abs(slice_z[:, None] - mark_z[None, :40]).min(axis=1) <= 0.7 + 1e-6).tolist()
+
+
 def test_parse_refuses_bad_inclusion(tmp_path: Path) -> None:
     """inclusion must be TRUE or FALSE."""
     text = document([nodule_xml("7", [roi_xml(1.0, [(1, 2)])])]).replace("TRUE", "maybe")

@@ -1,40 +1,46 @@
-"""Reading CT slices: header-only indexing, series assembly, HU conversion and windowing.
+"""Reading CT files: checked headers, header-only indexing, series assembly, window specs.
 
-DICOM attributes are named with tag and keyword as in PS3.3. Ordering rules: stored values
-are first mapped to Hounsfield units by the Modality LUT ((0028,1053) Rescale Slope,
-(0028,1052) Rescale Intercept), padding pixels are set to air, and only then is the VOI
-window applied (PS3.3 C.11.2.1.2.1).
+Attributes are named with tag and keyword as in PS3.3. Decoding pixels to Hounsfield units,
+windowing and resizing are :mod:`lungct.prepare.render`'s job, on numbers checked here.
+
+Every file is untrusted input. Each number read from a header is checked for type,
+finiteness and range (:data:`HEADER_RULES`) before it is used, and the work one file can
+cause is bounded before anything is decoded: its size and the size a deflated data set
+inflates to (:data:`MAX_FILE_BYTES`), and the decoded size the header implies
+(:data:`MAX_SLICE_BYTES`) against the bytes present. A failed check raises
+:class:`UnusableFileError`, whose text (attribute, value, what is allowed) goes to skipped.csv.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
 import os
+import zlib
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple, TypeVar
 
-import cv2
 import numpy as np
 import pydicom
+from pydicom.datadict import dictionary_description, tag_for_keyword
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_file_meta_info
+from pydicom.multival import MultiValue
 from pydicom.pixels import get_decoder
-from pydicom.uid import UID
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 __all__ = [
-    "AIR_HU",
-    "LUNG_WINDOW",
-    "CT_IMAGE_STORAGE",
-    "SliceHeader",
-    "Series",
-    "UnusableFileError",
-    "read_header",
-    "assemble_series",
-    "read_hu",
-    "apply_window",
-    "parse_window",
-    "square_and_resize",
+    "AIR_HU", "LUNG_WINDOW", "CT_IMAGE_STORAGE", "MAX_ROWS", "MAX_COLUMNS", "MAX_FRAMES",
+    "ALLOWED_BITS_ALLOCATED", "MAX_SLICE_BYTES", "MAX_FILE_BYTES", "MIN_PIXEL_SPACING_MM",
+    "MAX_PIXEL_SPACING_MM", "MAX_ABS_POSITION_MM", "MIN_SLICE_THICKNESS_MM",
+    "MAX_SLICE_THICKNESS_MM", "MIN_ABS_RESCALE_SLOPE", "MAX_ABS_RESCALE_SLOPE",
+    "MAX_ABS_RESCALE_INTERCEPT_HU", "HEADER_RULES", "SliceHeader", "Series", "PixelFormat",
+    "UnusableFileError", "refuse_unreadable", "read_dataset", "transfer_syntax", "pixel_format",
+    "read_header", "assemble_series", "parse_window",
 ]
 
 LOG = logging.getLogger(__name__)
@@ -43,17 +49,97 @@ AIR_HU = -1000.0
 LUNG_WINDOW = (-600.0, 1500.0)
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
+
+# Caps on one file. CT slices are 512 x 512 (LIDC-IDRI) to 1024 x 1024 (ultra-high-resolution
+# scanners) at 16 bits; each cap leaves a wide margin above that, and together they keep one
+# worker's peak memory for a slice (file, stored values, float32 HU, mask) under 600 MB.
+MAX_ROWS = 4096  # px, (0028,0010) Rows
+MAX_COLUMNS = 4096  # px, (0028,0011) Columns
+MAX_FRAMES = 1  # (0028,0008) Number of Frames: a CT slice is one frame; multi-frame is refused
+ALLOWED_BITS_ALLOCATED = (8, 16, 32)  # bits, (0028,0100) Bits Allocated (CT writes 16)
+MAX_SLICE_BYTES = MAX_ROWS * MAX_COLUMNS * 2  # bytes decoded: one 4096 x 4096 16-bit slice
+MAX_FILE_BYTES = 2 * MAX_SLICE_BYTES  # bytes of a file, and of a deflated data set inflated
+MIN_PIXEL_SPACING_MM, MAX_PIXEL_SPACING_MM = 0.01, 10.0  # mm per pixel (CT: 0.2-1 mm)
+MAX_ABS_POSITION_MM = 10_000.0  # mm, each of (0020,0032): 5 x the longest table travel (2 m)
+MIN_SLICE_THICKNESS_MM, MAX_SLICE_THICKNESS_MM = 0.01, 100.0  # mm (CT: 0.5-10 mm)
+# HU per stored unit: CT writes 1 (rarely 0.5 or 2); three decades either side still map
+# every stored value to a finite float32 HU.
+MIN_ABS_RESCALE_SLOPE, MAX_ABS_RESCALE_SLOPE = 1e-3, 1e3
+MAX_ABS_RESCALE_INTERCEPT_HU = 1e5  # HU (CT writes -1024, -1000 or 0)
+
 _DEFER_BYTES = 1024
+_SNIFF_BYTES = 4096
+_INFLATE_CHUNK_BYTES = 1 << 20
+_SHOWN_CHARS = 40
+_UNREADABLE = object()  # stands for a value pydicom cannot convert
+# (0002,0010) Transfer Syntax UID = Deflated Explicit VR Little Endian, as the meta holds it.
+_DEFLATED_ELEMENT = b"\x02\x00\x10\x00UI\x16\x00" + DeflatedExplicitVRLittleEndian.encode()
+
+
+def _integer(low: float, high: float) -> Callable[[float], bool]:
+    return lambda value: value.is_integer() and low <= value <= high
+
+
+#: keyword -> (number of values, test of each value, what is allowed). Every value must also
+#: be a finite number. An absent or empty attribute is None (its default applies) unless it
+#: is one of ``_REQUIRED``.
+HEADER_RULES: dict[str, tuple[int, Callable[[float], bool], str]] = {
+    "Rows": (1, _integer(1, MAX_ROWS), f"an integer 1-{MAX_ROWS}"),
+    "Columns": (1, _integer(1, MAX_COLUMNS), f"an integer 1-{MAX_COLUMNS}"),
+    "BitsAllocated": (1, lambda v: v in ALLOWED_BITS_ALLOCATED,
+                      "one of " + ", ".join(map(str, ALLOWED_BITS_ALLOCATED))),
+    "BitsStored": (1, _integer(1, max(ALLOWED_BITS_ALLOCATED)),
+                   "an integer from 1 to (0028,0100) Bits Allocated"),
+    "PixelRepresentation": (1, lambda v: v in (0, 1), "0 or 1"),
+    "SamplesPerPixel": (1, lambda v: v == 1, "1 (grayscale)"),
+    "NumberOfFrames": (1, _integer(1, MAX_FRAMES),
+                       f"at most {MAX_FRAMES} (multi-frame images are not read)"),
+    "RescaleSlope": (1, lambda v: MIN_ABS_RESCALE_SLOPE <= abs(v) <= MAX_ABS_RESCALE_SLOPE,
+                     f"{MIN_ABS_RESCALE_SLOPE:g} <= |slope| <= {MAX_ABS_RESCALE_SLOPE:g}"),
+    "RescaleIntercept": (1, lambda v: abs(v) < MAX_ABS_RESCALE_INTERCEPT_HU,
+                         f"|intercept| < {MAX_ABS_RESCALE_INTERCEPT_HU:g} HU"),
+    "PixelPaddingValue": (1, _integer(-(2**31), 2**32 - 1), "an integer stored value"),
+    "PixelPaddingRangeLimit": (1, _integer(-(2**31), 2**32 - 1), "an integer stored value"),
+    "ImagePositionPatient": (3, lambda v: abs(v) <= MAX_ABS_POSITION_MM,
+                             f"3 numbers within +-{MAX_ABS_POSITION_MM:g} mm"),
+    "PixelSpacing": (2, lambda v: MIN_PIXEL_SPACING_MM <= v <= MAX_PIXEL_SPACING_MM,
+                     f"2 numbers, {MIN_PIXEL_SPACING_MM:g}-{MAX_PIXEL_SPACING_MM:g} mm"),
+    "SliceThickness": (1, lambda v: MIN_SLICE_THICKNESS_MM <= v <= MAX_SLICE_THICKNESS_MM,
+                       f"{MIN_SLICE_THICKNESS_MM:g}-{MAX_SLICE_THICKNESS_MM:g} mm"),
+    "InstanceNumber": (1, _integer(-(2**31), 2**31 - 1), "an integer"),
+}
+_PIXEL_KEYWORDS = ("Rows", "Columns", "BitsAllocated", "BitsStored", "PixelRepresentation",
+                   "SamplesPerPixel", "NumberOfFrames", "RescaleSlope", "RescaleIntercept",
+                   "PixelPaddingValue", "PixelPaddingRangeLimit")
+_GEOMETRY_KEYWORDS = ("ImagePositionPatient", "PixelSpacing", "SliceThickness", "InstanceNumber")
+_REQUIRED = frozenset({"Rows", "Columns", "BitsAllocated", "ImagePositionPatient",
+                       "PixelSpacing"})
 #: The only attributes indexing parses (pixel data stays on disk, deferred).
-HEADER_TAGS = (
-    "Modality", "SOPClassUID", "ImageType", "ImagePositionPatient", "PixelSpacing", "Rows",
-    "Columns", "SeriesInstanceUID", "StudyInstanceUID", "SOPInstanceUID", "PatientID",
-    "InstanceNumber", "SliceThickness", "BitsAllocated", "PixelData",
-)
+HEADER_TAGS = ("Modality", "SOPClassUID", "ImageType", "SeriesInstanceUID", "StudyInstanceUID",
+               "SOPInstanceUID", "PatientID", "PixelData", *_PIXEL_KEYWORDS, *_GEOMETRY_KEYWORDS)
 
 
 class UnusableFileError(Exception):
     """A file that is not a usable CT slice; ``str(error)`` is the reason for skipped.csv."""
+
+
+_R = TypeVar("_R")
+
+
+def refuse_unreadable(function: Callable[..., _R]) -> Callable[..., _R]:
+    """Decorator: any other error while reading a file becomes UnusableFileError naming its
+    type (pydicom converts values lazily and raises many types on corrupt input)."""
+
+    @functools.wraps(function)
+    def wrapper(*args: object, **kwargs: object) -> _R:
+        try:
+            return function(*args, **kwargs)
+        except UnusableFileError:
+            raise
+        except Exception as error:
+            raise UnusableFileError(f"unreadable DICOM ({type(error).__name__})") from None
+
+    return wrapper
 
 
 @dataclass(frozen=True)
@@ -99,6 +185,157 @@ class Series:
         return self.slices[0].slice_thickness_mm or 1.0
 
 
+class PixelFormat(NamedTuple):
+    """The checked numbers that decide how stored values are decoded and mapped to HU.
+
+    Defaults of absent attributes: (0028,0101) Bits Stored = Bits Allocated, (0028,0103)
+    Pixel Representation 0 (unsigned), (0028,1053) Rescale Slope 1, (0028,1052) Rescale
+    Intercept 0, no padding.
+    """
+
+    rows: int
+    columns: int
+    bits_allocated: int
+    bits_stored: int
+    signed: bool
+    slope: float
+    intercept: float
+    padding: tuple[int, int] | None  # lowest and highest padding stored value
+    n_bytes: int  # decoded: Rows x Columns x Bits Allocated / 8
+
+
+def _label(keyword: str) -> str:
+    """``"(0028,1053) Rescale Slope"`` for ``"RescaleSlope"``."""
+    tag = tag_for_keyword(keyword) or 0
+    return f"({tag >> 16:04X},{tag & 0xFFFF:04X}) {dictionary_description(tag)}"
+
+
+def _checked(ds: pydicom.Dataset, keywords: Iterable[str]) -> dict[str, tuple[float, ...] | None]:
+    """The values of ``keywords`` as floats, each passing its :data:`HEADER_RULES` test.
+
+    Raises:
+        UnusableFileError: ``missing <tag> <name>`` for an absent required attribute, else
+            ``invalid <tag> <name>: <value>; allowed: <rule>``.
+    """
+    values: dict[str, tuple[float, ...] | None] = {}
+    for keyword in keywords:
+        try:  # pydicom converts a value on first access, raising many types on bad ones
+            value = ds.get(keyword)
+        except Exception:
+            value = _UNREADABLE
+        if value is None or (isinstance(value, (str, bytes)) and not value.strip()):
+            if keyword in _REQUIRED:
+                raise UnusableFileError(f"missing {_label(keyword)}")
+            values[keyword] = None
+            continue
+        count, test, allowed = HEADER_RULES[keyword]
+        try:
+            numbers = tuple(map(float, value if isinstance(value, (list, MultiValue))
+                                else (value,)))
+        except (TypeError, ValueError, OverflowError):
+            numbers = ()
+        if len(numbers) != count or not all(math.isfinite(n) and test(n) for n in numbers):
+            shown = ("unreadable value" if value is _UNREADABLE else repr(value)
+                     if isinstance(value, (str, bytes)) else str(value))
+            raise UnusableFileError(f"invalid {_label(keyword)}: {shown[:_SHOWN_CHARS]}; "
+                                    f"allowed: {allowed}")
+        values[keyword] = numbers
+    return values
+
+
+def pixel_format(ds: pydicom.Dataset) -> PixelFormat:
+    """The checked numbers of (0028,xxxx) Image Pixel and (0028,1052)/(0028,1053) Rescale.
+
+    Raises:
+        UnusableFileError: a number breaks :data:`HEADER_RULES`, (0028,0101) Bits Stored
+            exceeds Bits Allocated, or the decoded size exceeds :data:`MAX_SLICE_BYTES`.
+    """
+    first = {key: value and value[0] for key, value in _checked(ds, _PIXEL_KEYWORDS).items()}
+    rows, columns, bits = (int(first[key]) for key in ("Rows", "Columns", "BitsAllocated"))
+    bits_stored = int(first["BitsStored"] or bits)
+    if bits_stored > bits:
+        raise UnusableFileError(f"invalid {_label('BitsStored')}: {bits_stored}; allowed: "
+                                f"at most (0028,0100) Bits Allocated {bits}")
+    padding, limit = first["PixelPaddingValue"], first["PixelPaddingRangeLimit"]
+    if padding is not None:
+        padding = tuple(sorted((int(padding), int(padding if limit is None else limit))))
+    n_bytes = rows * columns * bits // 8
+    if n_bytes > MAX_SLICE_BYTES:
+        raise UnusableFileError(f"image of {n_bytes} bytes ((0028,0010) Rows {rows} x (0028,0011) "
+                                f"Columns {columns} x (0028,0100) Bits Allocated {bits} / 8) "
+                                f"exceeds {MAX_SLICE_BYTES}")
+    slope = first["RescaleSlope"]
+    return PixelFormat(rows, columns, bits, bits_stored, first["PixelRepresentation"] == 1,
+                       1.0 if slope is None else slope, first["RescaleIntercept"] or 0.0,
+                       padding, n_bytes)
+
+
+def transfer_syntax(ds: pydicom.Dataset) -> UID:
+    """(0002,0010) Transfer Syntax UID; Implicit VR Little Endian when the meta lacks it."""
+    syntax = UID(ds.file_meta.get("TransferSyntaxUID", "1.2.840.10008.1.2"))
+    if not syntax.is_transfer_syntax:
+        raise UnusableFileError(f"unknown (0002,0010) Transfer Syntax UID {syntax[:64]!r}")
+    return syntax
+
+
+def _check_deflated(path: Path) -> None:
+    """Refuse a deflated data set that would inflate beyond :data:`MAX_FILE_BYTES`.
+
+    pydicom inflates a whole Deflated Explicit VR Little Endian data set on reading, even for
+    a header; the file meta (group 0002, never deflated) names the syntax, and a zlib stream
+    inflated 1 MiB at a time measures the inflated size first.
+    """
+    with open(path, "rb") as handle:
+        head = handle.read(_SNIFF_BYTES)
+    if head[128:132] != b"DICM":
+        return  # pydicom refuses it: not DICOM
+    # (0002,0000) File Meta Information Group Length (UL): the meta ends 144 + value bytes in.
+    meta_end = (144 + int.from_bytes(head[140:144], "little")
+                if head[132:138] == b"\x02\x00\x00\x00UL" else None)
+    if meta_end is not None and meta_end <= len(head):
+        deflated = _DEFLATED_ELEMENT in head[132:meta_end]
+    else:  # an unusual or long meta: pydicom parses group 0002 alone
+        try:
+            syntax = read_file_meta_info(path).get("TransferSyntaxUID")
+        except Exception:
+            return  # dcmread refuses it with its own reason
+        deflated = syntax == DeflatedExplicitVRLittleEndian
+    if not deflated:
+        return
+    name = DeflatedExplicitVRLittleEndian.name
+    if meta_end is None:
+        raise UnusableFileError(f"{name} without (0002,0000) File Meta Information Group Length")
+    inflater, inflated = zlib.decompressobj(-zlib.MAX_WBITS), 0
+    with open(path, "rb") as handle:
+        handle.seek(meta_end)
+        while chunk := handle.read(_INFLATE_CHUNK_BYTES):
+            while chunk:
+                try:
+                    inflated += len(inflater.decompress(chunk, _INFLATE_CHUNK_BYTES))
+                except zlib.error:
+                    raise UnusableFileError(f"{name} data set could not be inflated") from None
+                if inflated > MAX_FILE_BYTES:
+                    raise UnusableFileError(f"{name} data set inflates beyond {MAX_FILE_BYTES}")
+                chunk = inflater.unconsumed_tail
+
+
+def read_dataset(path: Path, **options: object) -> pydicom.Dataset:
+    """``pydicom.dcmread(path, **options)`` after the file-level caps; UnusableFileError when
+    the file exceeds (or inflates beyond) :data:`MAX_FILE_BYTES`, is not DICOM or unreadable."""
+    try:
+        size = os.path.getsize(path)
+        if size > MAX_FILE_BYTES:
+            raise UnusableFileError(f"file of {size} bytes exceeds {MAX_FILE_BYTES}")
+        _check_deflated(path)
+        return pydicom.dcmread(path, **options)
+    except UnusableFileError:
+        raise
+    except InvalidDicomError:
+        raise UnusableFileError("not DICOM") from None
+    except Exception as error:  # pydicom raises many types on corrupt input
+        raise UnusableFileError(f"unreadable DICOM ({type(error).__name__})") from None
+
+
 def _reason_not_ct(ds: pydicom.Dataset) -> str | None:
     modality = str(ds.get("Modality", "")).upper()
     sop_class = str(ds.get("SOPClassUID", ""))
@@ -112,65 +349,57 @@ def _reason_not_ct(ds: pydicom.Dataset) -> str | None:
     return None
 
 
-def _check_pixel_data(ds: pydicom.Dataset, path: Path) -> None:
-    """Raise UnusableFileError when pixel data is missing, truncated or needs a missing decoder."""
-    if "PixelData" not in ds:
-        raise UnusableFileError("no pixel data (7FE0,0010)")
-    syntax = UID(ds.file_meta.get("TransferSyntaxUID", "1.2.840.10008.1.2"))
+def _check_pixel_data(ds: pydicom.Dataset, path: Path, pixels: PixelFormat) -> None:
+    """Refuse pixel data that is short, truncated or needs a decoder that is not installed."""
+    syntax = transfer_syntax(ds)
     if syntax.is_compressed:
         if not get_decoder(syntax).is_available:
-            raise UnusableFileError(
-                f"compressed transfer syntax {syntax.name} with no installed decoder"
-            )
+            raise UnusableFileError(f"compressed transfer syntax {syntax.name} with no "
+                                    "installed decoder")
         return
     raw = ds.get_item("PixelData", keep_deferred=True)
-    expected = int(ds.Rows) * int(ds.Columns) * int(ds.get("BitsAllocated", 16)) // 8
+    length = getattr(raw, "length", None)
+    length = len(raw.value or b"") if length is None else length
+    if length < pixels.n_bytes:
+        raise UnusableFileError(
+            f"pixel data of {length} bytes, fewer than the {pixels.n_bytes} of (0028,0010) "
+            "Rows x (0028,0011) Columns x (0028,0100) Bits Allocated / 8")
     tell = getattr(raw, "value_tell", None)
-    if tell is not None and tell + expected > os.path.getsize(path):
+    if tell is not None and not syntax.is_deflated and (
+            tell + pixels.n_bytes > os.path.getsize(path)):
         raise UnusableFileError("truncated pixel data")
 
 
+@refuse_unreadable
 def read_header(path: Path) -> SliceHeader:
     """Read one file's header (pixel data deferred, never decoded) and check it is a CT slice.
+
+    Every number used later is checked here (:data:`HEADER_RULES`), so a slice with a bad
+    (0028,1053) Rescale Slope or (0028,0030) Pixel Spacing never becomes a sample.
 
     Raises:
         UnusableFileError: with the reason this file cannot be a sample.
     """
-    try:
-        ds = pydicom.dcmread(path, defer_size=_DEFER_BYTES, specific_tags=list(HEADER_TAGS))
-    except InvalidDicomError:
-        raise UnusableFileError("not DICOM") from None
-    except Exception as error:  # pydicom raises many types on corrupt input
-        raise UnusableFileError(f"unreadable DICOM ({type(error).__name__})") from None
+    ds = read_dataset(path, defer_size=_DEFER_BYTES, specific_tags=list(HEADER_TAGS))
     reason = _reason_not_ct(ds)
     if reason:
         raise UnusableFileError(reason)
-    try:
-        position = [float(v) for v in ds.ImagePositionPatient]
-        spacing = [float(v) for v in ds.PixelSpacing]
-        rows, columns = int(ds.Rows), int(ds.Columns)
-        series_uid = str(ds.SeriesInstanceUID)
-    except (AttributeError, TypeError, ValueError) as error:
-        raise UnusableFileError(f"missing or invalid geometry tag ({error})") from None
-    if len(position) != 3 or len(spacing) != 2 or min(spacing) <= 0:
-        raise UnusableFileError(
-            "invalid (0020,0032) Image Position (Patient) or (0028,0030) Pixel Spacing"
-        )
-    _check_pixel_data(ds, path)
-    thickness = ds.get("SliceThickness")
+    if "PixelData" not in ds:
+        raise UnusableFileError("no pixel data (7FE0,0010)")
+    pixels = pixel_format(ds)
+    geometry = _checked(ds, _GEOMETRY_KEYWORDS)
+    series_uid = str(ds.get("SeriesInstanceUID", ""))
+    if not series_uid.strip():
+        raise UnusableFileError(f"missing {_label('SeriesInstanceUID')}")
+    _check_pixel_data(ds, path, pixels)
+    thickness, instance = geometry["SliceThickness"], geometry["InstanceNumber"]
     return SliceHeader(
-        path=path,
-        patient_id=str(ds.get("PatientID", "")).strip(),
-        study_uid=str(ds.get("StudyInstanceUID", "")),
-        series_uid=series_uid,
-        sop_uid=str(ds.get("SOPInstanceUID", "")),
-        z_mm=position[2],
-        instance_number=int(ds.get("InstanceNumber", 0) or 0),
-        rows=rows,
-        columns=columns,
-        pixel_spacing_mm=float(np.mean(spacing)),
-        slice_thickness_mm=float(thickness) if thickness not in (None, "") else None,
-    )
+        path=path, patient_id=str(ds.get("PatientID", "")).strip(),
+        study_uid=str(ds.get("StudyInstanceUID", "")), series_uid=series_uid,
+        sop_uid=str(ds.get("SOPInstanceUID", "")), z_mm=geometry["ImagePositionPatient"][2],
+        instance_number=int(instance[0]) if instance else 0, rows=pixels.rows,
+        columns=pixels.columns, pixel_spacing_mm=float(np.mean(geometry["PixelSpacing"])),
+        slice_thickness_mm=thickness[0] if thickness else None)
 
 
 def assemble_series(
@@ -206,66 +435,6 @@ def assemble_series(
     return series, dropped
 
 
-def read_hu(path: Path) -> tuple[np.ndarray, bool]:
-    """Decode one slice to Hounsfield units (float32), padding pixels set to air.
-
-    HU = stored value x (0028,1053) Rescale Slope + (0028,1052) Rescale Intercept. Pixels equal
-    to (0028,0120) Pixel Padding Value (or within the range up to (0028,0121) Pixel Padding
-    Range Limit) lie outside the scan and become -1000 HU.
-
-    Returns:
-        The HU image and whether (0028,0004) Photometric Interpretation is MONOCHROME1
-        (display inverted).
-
-    Raises:
-        UnusableFileError: when the pixel data cannot be decoded.
-    """
-    try:
-        ds = pydicom.dcmread(path)
-        stored = _stored_pixels(ds)
-    except Exception as error:  # decoders raise many types on corrupt data
-        reason = f"pixel data could not be decoded ({type(error).__name__})"
-        raise UnusableFileError(reason) from None
-    if stored.ndim != 2:
-        raise UnusableFileError(f"not a single-frame grayscale image (array shape {stored.shape})")
-    slope = float(ds.get("RescaleSlope", 1) or 1)
-    intercept = float(ds.get("RescaleIntercept", 0) or 0)
-    hu = stored.astype(np.float32)
-    if slope != 1:
-        hu *= np.float32(slope)
-    hu += np.float32(intercept)
-    padding = ds.get("PixelPaddingValue")
-    if padding is not None:
-        limit = ds.get("PixelPaddingRangeLimit", padding)
-        low, high = sorted((int(padding), int(limit)))
-        hu[(stored >= low) & (stored <= high)] = AIR_HU
-    monochrome1 = str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1"
-    return hu, monochrome1
-
-
-def _stored_pixels(ds: pydicom.Dataset) -> np.ndarray:
-    """Stored values of a single-frame image.
-
-    Uncompressed little-endian 16-bit data whose (0028,0101) Bits Stored fills the word, or
-    is unsigned, is viewed straight from the buffer (the common CT case, about 2x faster);
-    everything else goes through pydicom's decoders.
-    """
-    syntax = UID(ds.file_meta.get("TransferSyntaxUID", "1.2.840.10008.1.2"))
-    simple = (
-        not syntax.is_compressed
-        and syntax.is_little_endian
-        and int(ds.get("BitsAllocated", 0)) == 16
-        and int(ds.get("SamplesPerPixel", 1)) == 1
-        and int(ds.get("NumberOfFrames", 1) or 1) == 1
-        and (int(ds.get("BitsStored", 16)) == 16 or int(ds.get("PixelRepresentation", 0)) == 0)
-    )
-    if not simple:
-        return ds.pixel_array
-    dtype = "<i2" if int(ds.get("PixelRepresentation", 0)) == 1 else "<u2"
-    rows, columns = int(ds.Rows), int(ds.Columns)
-    return np.frombuffer(ds.PixelData, dtype=dtype, count=rows * columns).reshape(rows, columns)
-
-
 def parse_window(text: str) -> tuple[float, float]:
     """``"lung"`` -> (-600, 1500); ``"C,W"`` -> (C, W) in HU. Width must be >= 1."""
     if text.strip().lower() == "lung":
@@ -278,35 +447,3 @@ def parse_window(text: str) -> tuple[float, float]:
     if width_hu < 1:
         raise ValueError(f"window width must be >= 1 HU, got {width_hu:g}")
     return center_hu, width_hu
-
-
-def apply_window(hu: np.ndarray, center_hu: float, width_hu: float) -> np.ndarray:
-    """Map HU to uint8 with the DICOM linear VOI function (PS3.3 C.11.2.1.2.1).
-
-    y = ((x - (c - 0.5)) / (w - 1) + 0.5) x 255, clipped to [0, 255]; below the window is 0,
-    above is 255.
-    """
-    if width_hu < 1:
-        raise ValueError(f"window width must be >= 1 HU, got {width_hu:g}")
-    if width_hu == 1:
-        return np.where(hu > center_hu - 0.5, 255, 0).astype(np.uint8)
-    scaled = ((hu - (center_hu - 0.5)) / (width_hu - 1) + 0.5) * 255.0
-    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
-
-
-def square_and_resize(image: np.ndarray, size_px: int, fill: float) -> tuple[np.ndarray, float]:
-    """Pad ``image`` to a centred square with ``fill``, then area-resize to ``size_px``.
-
-    Returns:
-        The resized image and the scale factor (source pixels per output pixel).
-    """
-    rows, columns = image.shape
-    side = max(rows, columns)
-    if rows != columns:
-        padded = np.full((side, side), fill, dtype=image.dtype)
-        top, left = (side - rows) // 2, (side - columns) // 2
-        padded[top : top + rows, left : left + columns] = image
-        image = padded
-    interpolation = cv2.INTER_AREA if side >= size_px else cv2.INTER_LINEAR
-    resized = cv2.resize(image, (size_px, size_px), interpolation=interpolation)
-    return resized, side / size_px

@@ -249,8 +249,21 @@ def nodule_slices(nodule: Nodule, slice_z_mm: np.ndarray, z_tolerance_mm: float)
                             for contour in mark.contours if contour.inclusion])
     if outline_z.size == 0 or slice_z.size == 0:
         return []
-    gaps = np.abs(slice_z[:, None] - outline_z[None, :]).min(axis=1)
+    gaps = _nearest_gaps_mm(slice_z, outline_z)
     return np.flatnonzero(gaps <= z_tolerance_mm + _Z_EPS_MM).tolist()
+
+
+def _nearest_gaps_mm(z_mm: np.ndarray, targets_mm: np.ndarray) -> np.ndarray:
+    """Per value of ``z_mm``, its distance to the nearest of ``targets_mm`` (non-empty).
+
+    Equal to ``abs(z[:, None] - targets[None, :]).min(axis=1)`` (the nearest target is a
+    sorted neighbour), in O((n + m) log m) time and O(n + m) memory rather than O(n m).
+    """
+    targets = np.sort(targets_mm)
+    index = np.searchsorted(targets, z_mm)
+    below = targets[np.maximum(index - 1, 0)]
+    above = targets[np.minimum(index, len(targets) - 1)]
+    return np.minimum(np.abs(z_mm - below), np.abs(z_mm - above))
 
 
 def far_from_marks(slice_z_mm: np.ndarray, mark_z_mm: np.ndarray, margin_mm: float
@@ -267,5 +280,5 @@ def far_from_marks(slice_z_mm: np.ndarray, mark_z_mm: np.ndarray, margin_mm: flo
         raise ValueError(f"margin_mm must be a finite number >= 0, got {margin_mm!r}")
     if mark_z.size == 0:
         return np.ones(slice_z.shape, dtype=bool)
-    gaps = np.abs(slice_z[:, None] - mark_z[None, :]).min(axis=1)
+    gaps = _nearest_gaps_mm(slice_z, mark_z)
     return gaps >= margin_mm - _Z_EPS_MM

@@ -7,7 +7,11 @@ characteristic ratings, nodules < 3 mm with one point, and non-nodules with one 
 docs/lidc_format.md describes the elements read.
 
 Readings are matched to CT slices by z position (mm), never by ``imageSOP_UID``: some UIDs in
-the XML match no slice. The XML is untrusted input: DTD and entity declarations are refused.
+the XML match no slice. The XML is untrusted input: DTD and entity declarations are refused,
+every coordinate must be finite and within :data:`MAX_ABS_XY_PX` / :data:`MAX_ABS_Z_MM`, and
+the file's size, element count, marks, rois and points per roi are capped (``MAX_*`` below)
+so that parsing and the clustering that follows stay bounded in memory and time. A file
+over a cap is refused as a whole (:class:`LidcParseError`, a reason for skipped.csv).
 """
 
 from __future__ import annotations
@@ -24,6 +28,14 @@ import numpy as np
 
 __all__ = [
     "RATING_RANGES",
+    "MAX_XML_BYTES",
+    "MAX_XML_ELEMENTS",
+    "MAX_MARKS_PER_FILE",
+    "MAX_ROIS_PER_FILE",
+    "MAX_ROIS_PER_MARK",
+    "MAX_POINTS_PER_ROI",
+    "MAX_ABS_XY_PX",
+    "MAX_ABS_Z_MM",
     "LidcParseError",
     "Contour",
     "ReaderMark",
@@ -48,8 +60,19 @@ RATING_RANGES: dict[str, tuple[int, int]] = {
     "malignancy": (1, 5),
 }
 
-_MAX_XML_BYTES = 64 * 1024 * 1024  # real LIDC readings are at most a few MB
+# Caps on one readings file. Real LIDC files are at most a few MB, with up to four readers,
+# tens of marks each, nodules spanning tens of slices and outlines of a few hundred points;
+# the caps sit an order of magnitude above those estimates (not measured on all of LIDC-IDRI).
+MAX_XML_BYTES = 64 * 1024 * 1024  # bytes of the file
+MAX_XML_ELEMENTS = 1_000_000  # elements; ElementTree holds ~150 bytes each (150 MB at most)
+MAX_MARKS_PER_FILE = 1_000  # <unblindedReadNodule> of all readers: the (M, M) distances
+MAX_ROIS_PER_FILE = 20_000  # <roi> of all marks
+MAX_ROIS_PER_MARK = 1_000  # <roi> of one mark: one outline per slice, more than a series has
+MAX_POINTS_PER_ROI = 10_000  # <edgeMap> points of one outline
+MAX_ABS_XY_PX = 65_536.0  # px, |xCoord| and |yCoord|: 16 x the widest slice read (4096 px)
+MAX_ABS_Z_MM = 10_000.0  # mm, |imageZposition|: as (0020,0032) in lungct.prepare.dicom
 _SNIFF_BYTES = 2048
+_FEED_BYTES = 1 << 16
 
 
 class LidcParseError(ValueError):
@@ -153,7 +176,8 @@ def _child_text(element: ET.Element, *names: str) -> str | None:
     return None
 
 
-def _number(element: ET.Element, name: str, where: str) -> float:
+def _number(element: ET.Element, name: str, where: str, limit: float) -> float:
+    """The finite number in child ``name``, with ``|value| <= limit``."""
     text = _child_text(element, name)
     if text is None:
         raise LidcParseError(f"{where}: no {name}")
@@ -163,7 +187,19 @@ def _number(element: ET.Element, name: str, where: str) -> float:
         raise LidcParseError(f"{where}: {name} {text[:40]!r} is not a number") from None
     if not math.isfinite(value):
         raise LidcParseError(f"{where}: {name} {text[:40]!r} is not finite")
+    if abs(value) > limit:
+        raise LidcParseError(f"{where}: {name} {text[:40]!r} is outside +-{limit:g}")
     return value
+
+
+def _xy(element: ET.Element, where: str) -> tuple[float, float]:
+    return (_number(element, "xCoord", where, MAX_ABS_XY_PX),
+            _number(element, "yCoord", where, MAX_ABS_XY_PX))
+
+
+def _at_most(count: int, limit: int, what: str) -> None:
+    if count > limit:
+        raise LidcParseError(f"{what}: more than {limit}")
 
 
 def _sniff_text(data: bytes) -> str:
@@ -183,19 +219,34 @@ def _sniff_text(data: bytes) -> str:
 
 
 def _parse_root(path: Path) -> ET.Element:
+    """The document's root, parsed incrementally so that elements beyond the cap are never
+    built."""
     try:
         size = path.stat().st_size
-        if size > _MAX_XML_BYTES:
+        if size > MAX_XML_BYTES:
             raise LidcParseError(f"file too large for readings ({size} bytes)")
         data = path.read_bytes()
     except OSError as error:
         raise LidcParseError(f"unreadable file: {error.strerror or error}") from None
     if re.search(r"<!(DOCTYPE|ENTITY)", _sniff_text(data), flags=re.IGNORECASE):
         raise LidcParseError("DTD or entity declarations are not allowed in readings XML")
+    parser = ET.XMLPullParser(events=("start",))
+    root, count = None, 0
     try:
-        return ET.fromstring(data)
-    except ET.ParseError as error:
+        for start in range(0, len(data), _FEED_BYTES):
+            parser.feed(data[start : start + _FEED_BYTES])
+            for _, element in parser.read_events():
+                root = element if root is None else root
+                count += 1
+            _at_most(count, MAX_XML_ELEMENTS, "XML elements")
+        parser.close()
+    except LidcParseError:
+        raise
+    except (ET.ParseError, LookupError, ValueError) as error:  # LookupError: unknown encoding
         raise LidcParseError(f"unreadable XML: {error}") from None
+    if root is None:
+        raise LidcParseError("unreadable XML: no element found")
+    return root
 
 
 def _parse_characteristics(element: ET.Element | None, where: str) -> dict[str, int] | None:
@@ -226,14 +277,13 @@ def _parse_inclusion(roi: ET.Element, where: str) -> bool:
 
 
 def _parse_contour(roi: ET.Element, where: str) -> Contour:
-    points = [
-        (_number(edge, "xCoord", where), _number(edge, "yCoord", where))
-        for edge in _children(roi, "edgeMap")
-    ]
+    edges = list(_children(roi, "edgeMap"))
+    _at_most(len(edges), MAX_POINTS_PER_ROI, f"{where}: edgeMap points in one roi")
+    points = [_xy(edge, where) for edge in edges]
     if not points:
         raise LidcParseError(f"{where}: roi without edgeMap points")
     return Contour(
-        z_mm=_number(roi, "imageZposition", where),
+        z_mm=_number(roi, "imageZposition", where, MAX_ABS_Z_MM),
         sop_uid=_child_text(roi, "imageSOP_UID") or "",
         inclusion=_parse_inclusion(roi, where),
         points_xy=np.asarray(points, dtype=np.float64),
@@ -243,7 +293,9 @@ def _parse_contour(roi: ET.Element, where: str) -> Contour:
 def _parse_mark(element: ET.Element, reader: int) -> ReaderMark | None:
     nodule_id = _child_text(element, "noduleID") or ""
     where = f"reader {reader} nodule {nodule_id[:40]!r}"
-    contours = tuple(_parse_contour(roi, where) for roi in _children(element, "roi"))
+    rois = list(_children(element, "roi"))
+    _at_most(len(rois), MAX_ROIS_PER_MARK, f"{where}: rois in one mark")
+    contours = tuple(_parse_contour(roi, where) for roi in rois)
     if not contours:
         LOG.warning("%s: no roi, mark ignored", where)
         return None
@@ -261,9 +313,9 @@ def _parse_non_nodule(element: ET.Element, reader: int) -> NonNoduleMark:
     return NonNoduleMark(
         reader=reader,
         non_nodule_id=non_nodule_id,
-        z_mm=_number(element, "imageZposition", where),
+        z_mm=_number(element, "imageZposition", where, MAX_ABS_Z_MM),
         sop_uid=_child_text(element, "imageSOP_UID") or "",
-        locus_xy=(_number(locus, "xCoord", where), _number(locus, "yCoord", where)),
+        locus_xy=_xy(locus, where),
     )
 
 
@@ -278,7 +330,9 @@ def parse_readings(path: Path) -> Readings:
 
     Raises:
         LidcParseError: with a short reason, e.g. ``"radiograph readings (IdriReadMessage),
-            not CT"``, ``"unreadable XML: ..."``, ``"no SeriesInstanceUid in ResponseHeader"``.
+            not CT"``, ``"unreadable XML: ..."``, ``"no SeriesInstanceUid in ResponseHeader"``,
+            ``"reader 0 nodule '7': xCoord 'nan' is not finite"``, or a cap exceeded
+            (``"<what>: more than <cap>"``).
     """
     path = Path(path)
     root = _parse_root(path)
@@ -296,6 +350,11 @@ def parse_readings(path: Path) -> Readings:
     marks: list[ReaderMark] = []
     non_nodules: list[NonNoduleMark] = []
     sessions = list(_children(root, "readingSession"))
+    marks_in_file = [(reader, element) for reader, session in enumerate(sessions)
+                     for element in _children(session, "unblindedReadNodule")]
+    _at_most(len(marks_in_file), MAX_MARKS_PER_FILE, "nodule marks (unblindedReadNodule)")
+    _at_most(sum(1 for _, element in marks_in_file for _ in _children(element, "roi")),
+             MAX_ROIS_PER_FILE, "rois in the file")
     for reader, session in enumerate(sessions):
         parsed = (_parse_mark(element, reader) for element in _children(session,
                                                                           "unblindedReadNodule"))

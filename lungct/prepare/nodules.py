@@ -5,10 +5,15 @@ made independently after seeing the others' anonymised marks), so the marks of o
 grouped here by geometry (after pylidc's ``Scan.cluster_annotations``, Hancock &
 Magnan 2016); each group becomes a :class:`Nodule` with its consensus malignancy, diameter
 and centre.
+
+Work and memory stay bounded for outlines of any length (:mod:`lungct.prepare.lidc_xml` caps
+their number and size): point-to-point distances are computed in chunks of at most
+``_CHUNK_PAIRS`` pairs, and marks too large for all pairs go through a k-d tree.
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import itertools
 import logging
@@ -28,6 +33,11 @@ LOG = logging.getLogger(__name__)
 _MAX_MARKS_PER_NODULE = 4  # LIDC: four readers per series (pylidc's re-clustering bound)
 _SHRINK_FACTOR = 0.9  # pylidc's `factor`
 _MIN_TOLERANCE_MM = 0.1  # pylidc's `min_tol`
+_CHUNK_PAIRS = 250_000  # point pairs held at once (4 MB of float64 x, y differences)
+# Two marks are compared pair by pair (slice by slice, exactly as pylidc) up to these sizes;
+# beyond them, by a k-d tree over their 3D points: O(n log n) instead of O(n m).
+_EXACT_POINT_PAIRS = 1 << 22
+_EXACT_PLANE_PAIRS = 4096
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -67,10 +77,12 @@ class _MarkGeometry:
     """A mark in mm, for distances: boundary points per slice and roi centres."""
 
     planes: dict[float, np.ndarray]  # z mm -> (K, 2) contour points x, y in mm on that slice
+    points_mm: np.ndarray  # (N, 3) every contour point: x, y, z in mm
     box_low_mm: np.ndarray  # (3,) x, y, z lower corner of all points
     box_high_mm: np.ndarray  # (3,) upper corner
     anchors: tuple[tuple[float, float, float], ...]  # (x px, y px, z mm) centre of each roi
     polygons: tuple[tuple[float, np.ndarray], ...]  # (z mm, (K, 2) float32 px) inclusion outlines
+    polygon_z_mm: tuple[float, ...]  # z of each polygon, for a bisect; polygons sorted by z
 
 
 def _geometry(mark: ReaderMark, pixel_spacing_mm: float) -> _MarkGeometry:
@@ -82,11 +94,12 @@ def _geometry(mark: ReaderMark, pixel_spacing_mm: float) -> _MarkGeometry:
         np.column_stack([points, np.full(len(points), z_mm)]) for z_mm, points in planes.items()])
     anchors = tuple((*(float(v) for v in contour.points_xy.mean(axis=0)), contour.z_mm)
                     for contour in mark.contours if contour.inclusion)
-    polygons = tuple((contour.z_mm, contour.points_xy.astype(np.float32))
-                     for contour in mark.contours
-                     if contour.inclusion and len(contour.points_xy) >= 3)
-    return _MarkGeometry(planes, every_point.min(axis=0), every_point.max(axis=0), anchors,
-                         polygons)
+    polygons = tuple(sorted(((contour.z_mm, contour.points_xy.astype(np.float32))
+                             for contour in mark.contours
+                             if contour.inclusion and len(contour.points_xy) >= 3),
+                            key=lambda polygon: polygon[0]))
+    return _MarkGeometry(planes, every_point, every_point.min(axis=0), every_point.max(axis=0),
+                         anchors, polygons, tuple(z_mm for z_mm, _ in polygons))
 
 
 def _box_gap_mm(a: _MarkGeometry, b: _MarkGeometry) -> float:
@@ -97,7 +110,7 @@ def _box_gap_mm(a: _MarkGeometry, b: _MarkGeometry) -> float:
 def _min_xy_distance_mm(a: np.ndarray, b: np.ndarray) -> float:
     """Smallest distance between a point of ``a`` (N, 2) and one of ``b`` (M, 2)."""
     best = math.inf
-    chunk = max(1, 250_000 // len(b))
+    chunk = max(1, _CHUNK_PAIRS // len(b))
     for start in range(0, len(a), chunk):
         squared = ((a[start:start + chunk, None, :] - b[None, :, :]) ** 2).sum(axis=-1)
         best = min(best, float(np.sqrt(squared.min())))
@@ -108,8 +121,13 @@ def _min_point_distance_mm(a: _MarkGeometry, b: _MarkGeometry, cutoff_mm: float)
     """Smallest 3D distance between contour points of ``a`` and ``b``; inf beyond ``cutoff_mm``.
 
     Slice pairs are visited by increasing z gap and skipped once the gap alone exceeds the
-    best distance found, which is exact and avoids most of the all-pairs work.
+    best distance found, which is exact and avoids most of the all-pairs work. Marks with
+    more than ``_EXACT_POINT_PAIRS`` point pairs or ``_EXACT_PLANE_PAIRS`` slice pairs are
+    measured with a k-d tree instead (the same distance up to float rounding).
     """
+    if (len(a.points_mm) * len(b.points_mm) > _EXACT_POINT_PAIRS
+            or len(a.planes) * len(b.planes) > _EXACT_PLANE_PAIRS):
+        return _tree_distance_mm(a.points_mm, b.points_mm, cutoff_mm)
     slice_pairs = sorted((abs(z_a - z_b), z_a, z_b) for z_a in a.planes for z_b in b.planes
                          if abs(z_a - z_b) <= cutoff_mm)
     best = math.inf
@@ -118,6 +136,15 @@ def _min_point_distance_mm(a: _MarkGeometry, b: _MarkGeometry, cutoff_mm: float)
             break
         best = min(best, math.hypot(z_gap, _min_xy_distance_mm(a.planes[z_a], b.planes[z_b])))
     return best
+
+
+def _tree_distance_mm(a: np.ndarray, b: np.ndarray, cutoff_mm: float) -> float:
+    """Smallest distance between a point of ``a`` (N, 3) and one of ``b``; inf beyond cutoff."""
+    from scipy.spatial import cKDTree  # imported here: only unusually large marks need it
+
+    a, b = np.unique(a, axis=0), np.unique(b, axis=0)  # repeated points only cost time
+    distances, _ = cKDTree(b).query(a, k=1, distance_upper_bound=cutoff_mm)
+    return float(distances.min())
 
 
 def _containment_distance_mm(inner: _MarkGeometry, outer: _MarkGeometry, cutoff_mm: float
@@ -129,7 +156,9 @@ def _containment_distance_mm(inner: _MarkGeometry, outer: _MarkGeometry, cutoff_
     """
     best = math.inf
     for x_px, y_px, z_mm in inner.anchors:
-        for polygon_z_mm, polygon in outer.polygons:
+        low = bisect.bisect_left(outer.polygon_z_mm, z_mm - cutoff_mm)
+        high = bisect.bisect_right(outer.polygon_z_mm, z_mm + cutoff_mm)
+        for polygon_z_mm, polygon in outer.polygons[low:high]:
             gap = abs(z_mm - polygon_z_mm)
             if gap <= min(best, cutoff_mm) and cv2.pointPolygonTest(
                     polygon, (x_px, y_px), False) >= 0:
@@ -189,8 +218,9 @@ def _cluster(members: list[int], distances: np.ndarray, readers: Sequence[int],
             # valid, so that no reader appears twice in a nodule.
             LOG.warning("marks %s stay linked at %.2f mm; splitting nearest-first", group,
                         tolerance_mm)
-            nearest = sorted((pair for pair in edges if pair[0] in group and pair[1] in group),
-                             key=lambda pair: (distances[pair], pair))
+            in_group = set(group)
+            nearest = sorted((pair for pair in edges if pair[0] in in_group
+                              and pair[1] in in_group), key=lambda pair: (distances[pair], pair))
             result.extend(_union_components(group, nearest, valid))
     return result
 
@@ -206,15 +236,21 @@ def _mark_centre(mark: ReaderMark) -> np.ndarray:
 
 
 def _longest_chord_px(mark: ReaderMark) -> float:
-    """Longest distance between two points of one inclusion outline (LIDC's diameter)."""
+    """Longest distance between two points of one inclusion outline (LIDC's diameter).
+
+    The longest chord joins two convex-hull vertices; their pairs are measured in chunks of
+    ``_CHUNK_PAIRS``, so memory stays linear in the outline's length.
+    """
     longest = 0.0
     for contour in mark.contours:
         if not contour.inclusion:
             continue
         hull = cv2.convexHull(contour.points_xy.astype(np.float32)).reshape(-1, 2)
         hull = hull.astype(np.float64)
-        longest = max(longest, float(np.sqrt(
-            ((hull[:, None, :] - hull[None, :, :]) ** 2).sum(-1).max())))
+        chunk = max(1, _CHUNK_PAIRS // len(hull))
+        for start in range(0, len(hull), chunk):
+            squared = ((hull[start:start + chunk, None, :] - hull[None, :, :]) ** 2).sum(-1)
+            longest = max(longest, float(np.sqrt(squared.max())))
     return longest
 
 

@@ -3,24 +3,59 @@
 Order: decode -> HU (padding to air) -> crop (patch view) or pad to square (slice view) in
 HU -> area resize in HU -> window to uint8 -> invert for MONOCHROME1. Resizing before
 windowing averages Hounsfield units, not clipped grey levels.
+
+Decoding is bounded: it starts only after :func:`lungct.prepare.dicom.pixel_format` has
+checked the header's numbers and capped the decoded size, never decodes more than one frame
+of that size, and refuses a patch wider than :data:`MAX_PATCH_SIDE_PX`; an image file (PNG,
+JPEG, BMP, TIFF) is decoded only once its header's size is within the same caps.
 """
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import cv2
 import numpy as np
+import pydicom
+from pydicom.encaps import get_frame
+from pydicom.pixels import get_decoder
+from pydicom.uid import RLELossless
 
 from lungct.prepare.candidates import IMAGE_SUFFIXES, Candidate
-from lungct.prepare.dicom import AIR_HU, UnusableFileError, apply_window, read_hu, square_and_resize
+from lungct.prepare.dicom import (
+    AIR_HU,
+    MAX_COLUMNS,
+    MAX_FILE_BYTES,
+    MAX_ROWS,
+    PixelFormat,
+    UnusableFileError,
+    pixel_format,
+    read_dataset,
+    refuse_unreadable,
+    transfer_syntax,
+)
 
-__all__ = ["RenderSettings", "Rendered", "render", "encode_png", "lung_tissue_centre"]
+__all__ = [
+    "MAX_COMPRESSED_TO_DECODED", "COMPRESSED_SLACK_BYTES", "MAX_PATCH_SIDE_PX", "RenderSettings",
+    "Rendered", "render", "read_hu", "apply_window", "square_and_resize", "encode_png",
+    "lung_tissue_centre",
+]
 
 PNG_PARAMS = [cv2.IMWRITE_PNG_COMPRESSION, 1]  # fastest zlib level; files ~10% larger
 _LUNG_MAX_HU = -500.0
 _BODY_MIN_HU = -500.0
+# Compressed pixel data may hold at most 2 x its decoded bytes + 64 KiB: lossless codecs grow
+# incompressible data by under 1 %, so anything longer only makes work.
+MAX_COMPRESSED_TO_DECODED = 2
+COMPRESSED_SLACK_BYTES = 65536
+#: px; a patch (--patch-mm / pixel spacing) wider than the largest slice (4096 px, 64 MB of
+#: float32 HU) is refused rather than allocated.
+MAX_PATCH_SIDE_PX = 4096
+_SOF_MARKERS = (frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}) | {0xF7}  # JPEG, JPEG-LS
+_J2K_SIZ = b"\xff\x4f\xff\x51"  # SOC then SIZ: how a JPEG 2000 codestream starts
+_CODESTREAM_SEARCH_BYTES = 4096  # where SIZ may sit (after a JP2 header)
 
 
 @dataclass(frozen=True)
@@ -105,19 +140,193 @@ def _crop(image: np.ndarray, centre_xy: tuple[float, float], side_px: int,
     return out
 
 
+@refuse_unreadable
+def read_hu(path: Path) -> tuple[np.ndarray, bool]:
+    """Decode one slice to Hounsfield units (float32), padding pixels set to air.
+
+    HU = stored value x (0028,1053) Rescale Slope + (0028,1052) Rescale Intercept (1 and 0
+    when absent). Pixels equal to (0028,0120) Pixel Padding Value (or within the range up to
+    (0028,0121) Pixel Padding Range Limit) lie outside the scan and become -1000 HU. The
+    numbers are checked (:func:`lungct.prepare.dicom.pixel_format`) before any pixel is
+    decoded.
+
+    Returns:
+        The HU image and whether (0028,0004) Photometric Interpretation is MONOCHROME1
+        (display inverted).
+
+    Raises:
+        UnusableFileError: when a number is invalid or the pixel data cannot be decoded.
+    """
+    ds = read_dataset(path)
+    if "PixelData" not in ds:
+        raise UnusableFileError("no pixel data (7FE0,0010)")
+    pixels = pixel_format(ds)
+    try:
+        stored = _stored_pixels(ds, pixels)
+    except UnusableFileError:
+        raise
+    except Exception as error:  # decoders raise many types on corrupt data
+        reason = f"pixel data could not be decoded ({type(error).__name__})"
+        raise UnusableFileError(reason) from None
+    if stored.shape != (pixels.rows, pixels.columns):
+        raise UnusableFileError(f"not a single-frame grayscale image (array shape {stored.shape})")
+    hu = stored.astype(np.float32)
+    if pixels.slope != 1:
+        hu *= np.float32(pixels.slope)
+    hu += np.float32(pixels.intercept)
+    if pixels.padding is not None:
+        low, high = pixels.padding
+        hu[(stored >= low) & (stored <= high)] = AIR_HU
+    monochrome1 = str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1"
+    return hu, monochrome1
+
+
+def _stored_pixels(ds: pydicom.Dataset, pixels: PixelFormat) -> np.ndarray:
+    """Stored values of a single-frame image, never decoding more than the header implies.
+
+    Uncompressed little-endian 16-bit data whose (0028,0101) Bits Stored fills the word, or
+    is unsigned, is viewed straight from the buffer (the common CT case, about 2x faster).
+    RLE is decoded here, each segment stopping at its expected length; JPEG and JPEG 2000
+    go to pydicom's decoders (first frame only) once the codestream's own image size matches
+    the header; compressed data longer than :data:`MAX_COMPRESSED_TO_DECODED` x the decoded
+    size (+ :data:`COMPRESSED_SLACK_BYTES`) is refused unread.
+    """
+    syntax = transfer_syntax(ds)
+    if syntax.is_compressed:
+        data, limit = ds.PixelData, MAX_COMPRESSED_TO_DECODED * pixels.n_bytes
+        if len(data) > limit + COMPRESSED_SLACK_BYTES:
+            raise UnusableFileError(
+                f"compressed pixel data of {len(data)} bytes ({syntax.name}) is over "
+                f"{MAX_COMPRESSED_TO_DECODED} x the {pixels.n_bytes} bytes it decodes to")
+        frame = get_frame(data, 0, number_of_frames=1)
+        if syntax == RLELossless:
+            return _decode_rle(frame, pixels)
+        size = _codestream_size(frame)
+        if size != (pixels.rows, pixels.columns):
+            raise UnusableFileError(
+                f"{syntax.name} codestream image size {size or 'not found'} differs from "
+                f"(0028,0010) Rows x (0028,0011) Columns ({pixels.rows}, {pixels.columns})")
+        return get_decoder(syntax).as_array(ds, index=0)[0]
+    if len(ds.PixelData) < pixels.n_bytes:
+        raise UnusableFileError("truncated pixel data")
+    if not (syntax.is_little_endian and pixels.bits_allocated == 16
+            and (pixels.bits_stored == 16 or not pixels.signed)):
+        return ds.pixel_array
+    dtype = "<i2" if pixels.signed else "<u2"
+    count = pixels.rows * pixels.columns
+    return np.frombuffer(ds.PixelData, dtype=dtype, count=count).reshape(pixels.rows,
+                                                                         pixels.columns)
+
+
+def _codestream_size(frame: bytes) -> tuple[int, int] | None:
+    """(rows, columns) a JPEG SOFn or JPEG 2000 SIZ segment declares; None when not found."""
+    number = lambda at: int.from_bytes(frame[at : at + 2], "big")  # noqa: E731
+    if frame[:2] == b"\xff\xd8":  # JPEG: SOI, then marker segments up to SOFn (Lf P Y X)
+        position = 2
+        while position + 9 <= len(frame) and frame[position] == 0xFF:
+            marker = frame[position + 1]
+            if marker in _SOF_MARKERS:
+                return number(position + 5), number(position + 7)
+            position += 1 if marker == 0xFF else 2 + number(position + 2)
+        return None
+    at = frame.find(_J2K_SIZ, 0, _CODESTREAM_SEARCH_BYTES)
+    if at < 0 or len(frame) < at + 24:
+        return None
+    # SIZ: Lsiz Rsiz (2 bytes each), then Xsiz Ysiz XOsiz YOsiz (4 bytes each)
+    x, y, x0, y0 = (int.from_bytes(frame[at + i : at + i + 4], "big") for i in (8, 12, 16, 20))
+    return y - y0, x - x0
+
+
+def _rle_segment(data: bytes, size: int) -> bytes:
+    """One PackBits segment (PS3.5 G.3.1) decoded to ``size`` bytes and never further."""
+    out, position = bytearray(), 0
+    while len(out) < size and position < len(data):
+        header = data[position]
+        if header < 128:  # copy the next header + 1 bytes
+            out += data[position + 1 : position + header + 2]
+            position += header + 2
+        elif header > 128:  # repeat the next byte 257 - header times
+            out += data[position + 1 : position + 2] * (257 - header)
+            position += 2
+        else:
+            position += 1
+    if len(out) < size:
+        raise UnusableFileError(f"RLE segment decodes to {len(out)} of {size} bytes")
+    return bytes(out[:size])
+
+
+def _decode_rle(frame: bytes, pixels: PixelFormat) -> np.ndarray:
+    """RLE Lossless (PS3.5 Annex G): one segment per byte of a sample, most significant first.
+
+    Equal to pydicom's RLE decoder on valid data (no sign extension of unused high bits), but
+    each segment stops at the bytes the header implies, so a segment of runs repeating 128
+    bytes cannot expand 64-fold, and the loop never outlasts the (capped) compressed length.
+    """
+    n_pixels, n_segments = pixels.rows * pixels.columns, pixels.bits_allocated // 8
+    header = [int.from_bytes(frame[i : i + 4], "little") for i in range(0, 64, 4)]
+    offsets = [*header[1 : 1 + n_segments], len(frame)]
+    if len(frame) < 64 or header[0] != n_segments or any(
+            not 64 <= start <= end for start, end in zip(offsets, offsets[1:], strict=False)):
+        raise UnusableFileError(f"RLE header does not describe {n_segments} segments of "
+                                f"{n_pixels} bytes")
+    planes = [np.frombuffer(_rle_segment(frame[start:end], n_pixels), dtype=np.uint8)
+              for start, end in zip(offsets, offsets[1:], strict=False)]
+    dtype = f"<{'i' if pixels.signed else 'u'}{n_segments}"
+    little_endian = np.stack(planes[::-1], axis=-1).reshape(-1)
+    return little_endian.view(dtype).reshape(pixels.rows, pixels.columns)
+
+
+def apply_window(hu: np.ndarray, center_hu: float, width_hu: float) -> np.ndarray:
+    """Map HU to uint8 with the DICOM linear VOI function (PS3.3 C.11.2.1.2.1).
+
+    y = ((x - (c - 0.5)) / (w - 1) + 0.5) x 255, clipped to [0, 255]; below the window is 0,
+    above is 255.
+    """
+    if width_hu < 1:
+        raise ValueError(f"window width must be >= 1 HU, got {width_hu:g}")
+    if width_hu == 1:
+        return np.where(hu > center_hu - 0.5, 255, 0).astype(np.uint8)
+    scaled = ((hu - (center_hu - 0.5)) / (width_hu - 1) + 0.5) * 255.0
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def square_and_resize(image: np.ndarray, size_px: int, fill: float) -> tuple[np.ndarray, float]:
+    """Pad ``image`` to a centred square with ``fill``, then area-resize to ``size_px``.
+
+    Returns:
+        The resized image and the scale factor (source pixels per output pixel).
+    """
+    rows, columns = image.shape
+    side = max(rows, columns)
+    if rows != columns:
+        padded = np.full((side, side), fill, dtype=image.dtype)
+        top, left = (side - rows) // 2, (side - columns) // 2
+        padded[top : top + rows, left : left + columns] = image
+        image = padded
+    interpolation = cv2.INTER_AREA if side >= size_px else cv2.INTER_LINEAR
+    resized = cv2.resize(image, (size_px, size_px), interpolation=interpolation)
+    return resized, side / size_px
+
+
 def render(candidate: Candidate, settings: RenderSettings) -> Rendered:
     """Draw one candidate.
 
     Raises:
-        lungct.prepare.dicom.UnusableFileError: its pixels cannot be read.
+        lungct.prepare.dicom.UnusableFileError: its pixels cannot be read, or its patch would
+            be wider than :data:`MAX_PATCH_SIDE_PX`.
     """
     if candidate.source_path.suffix.lower() in IMAGE_SUFFIXES:
         return _render_image_file(candidate, settings)
+    spacing_mm = candidate.pixel_spacing_mm
+    patch = settings.view == "patch" and spacing_mm
+    side_px = max(2, int(round(settings.patch_mm / spacing_mm))) if patch else 0
+    if side_px > MAX_PATCH_SIDE_PX:
+        raise UnusableFileError(
+            f"patch of {side_px} px (--patch-mm {settings.patch_mm:g} / pixel spacing "
+            f"{spacing_mm:g} mm) exceeds {MAX_PATCH_SIDE_PX} px")
     hu, monochrome1 = read_hu(candidate.source_path)
     mask = candidate.mask.full(hu.shape) if candidate.mask is not None else None
-    spacing_mm = candidate.pixel_spacing_mm
-    if settings.view == "patch" and spacing_mm:
-        side_px = max(2, int(round(settings.patch_mm / spacing_mm)))
+    if patch:
         centre = candidate.centre_xy_px or lung_tissue_centre(
             hu, side_px, f"{candidate.series_uid}:{candidate.slice_z_mm}"
         )
@@ -137,10 +346,40 @@ def render(candidate: Candidate, settings: RenderSettings) -> Rendered:
     return Rendered(image, mask, mm_per_px)
 
 
+def _image_file_shape(data: bytes) -> tuple[int, int] | None:
+    """(rows, columns) a PNG, JPEG, BMP or TIFF header declares; None when not found."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):  # IHDR: width, height
+        return int.from_bytes(data[20:24], "big"), int.from_bytes(data[16:20], "big")
+    if data.startswith(b"BM"):  # BITMAPINFOHEADER: width, height (negative: top-down)
+        return (abs(int.from_bytes(data[22:26], "little", signed=True)),
+                int.from_bytes(data[18:22], "little", signed=True))
+    if data[:4] in (b"II*\x00", b"MM\x00*"):  # first IFD: ImageWidth 256, ImageLength 257
+        order = "little" if data[:2] == b"II" else "big"
+        ifd = int.from_bytes(data[4:8], order)
+        sizes = {}
+        for entry in range(ifd + 2, ifd + 2 + 12 * int.from_bytes(data[ifd : ifd + 2], order), 12):
+            tag, kind = (int.from_bytes(data[entry + i : entry + i + 2], order) for i in (0, 2))
+            width = 2 if kind == 3 else 4  # SHORT or LONG
+            sizes[tag] = int.from_bytes(data[entry + 8 : entry + 8 + width], order)
+        return (sizes[257], sizes[256]) if {256, 257} <= sizes.keys() else None
+    return _codestream_size(data)  # JPEG: SOFn
+
+
 def _render_image_file(candidate: Candidate, settings: RenderSettings) -> Rendered:
-    """An already-windowed image file: grayscale, padded to square with black, resized."""
-    data = np.fromfile(candidate.source_path, dtype=np.uint8)
-    image = cv2.imdecode(data, cv2.IMREAD_GRAYSCALE) if data.size else None
+    """An already-windowed image file: grayscale, padded to square with black, resized.
+
+    The header's image size is checked before decoding: a file over MAX_FILE_BYTES, or
+    larger than MAX_ROWS x MAX_COLUMNS pixels, is refused unread.
+    """
+    path = candidate.source_path
+    if path.stat().st_size > MAX_FILE_BYTES:
+        raise UnusableFileError(f"file of {path.stat().st_size} bytes exceeds {MAX_FILE_BYTES}")
+    data = path.read_bytes()
+    shape = _image_file_shape(data)
+    if shape is not None and not (0 < shape[0] <= MAX_ROWS and 0 < shape[1] <= MAX_COLUMNS):
+        raise UnusableFileError(f"image file of {shape[0]} x {shape[1]} px; allowed: "
+                                f"1-{MAX_ROWS} x 1-{MAX_COLUMNS} px")
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE) if shape else None
     if image is None:
         raise UnusableFileError("image file could not be decoded")
     resized, _ = square_and_resize(image, settings.image_size_px, 0)
