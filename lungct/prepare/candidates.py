@@ -137,18 +137,22 @@ def _slice_samples(
     series: Series,
     nodules: list[Nodule],
     rule: lidc.LabelRule,
-) -> dict[int, list[tuple[Nodule, np.ndarray, int | None]]]:
-    """Per slice index, the nodules outlined there with their consensus masks and labels."""
+) -> dict[int, list[tuple[Nodule, MaskCrop, int | None]]]:
+    """Per slice index, the nodules outlined there with their consensus masks and labels.
+
+    Masks are kept as bounding-box crops: memory grows with the outlines, not with the number
+    of nodule-slice pairs times the slice size.
+    """
     z_mm = series.z_mm
     tolerance_mm = 0.5 * series.slice_spacing_mm
     shape = (series.slices[0].rows, series.slices[0].columns)
-    on_slice: dict[int, list[tuple[Nodule, np.ndarray, int | None]]] = {}
+    on_slice: dict[int, list[tuple[Nodule, MaskCrop, int | None]]] = {}
     for nodule in nodules:
         label = rule.label(nodule)
         for index in lidc.nodule_slices(nodule, z_mm, tolerance_mm):
             mask = lidc.consensus_mask(nodule, float(z_mm[index]), shape, tolerance_mm)
             if mask.any():
-                on_slice.setdefault(index, []).append((nodule, mask, label))
+                on_slice.setdefault(index, []).append((nodule, MaskCrop.from_mask(mask), label))
     return on_slice
 
 
@@ -204,9 +208,10 @@ def lidc_candidates(
             reasons[header.path] = "holds a nodule excluded by the label rule"
             continue
         chosen = [(n, m) for n, m, lab in labelled if lab == top_label]
-        nodule, _ = max(chosen, key=lambda item: (item[1].sum(), item[0].nodule_id))
-        union = np.logical_or.reduce([m for _, m, _ in labelled])
-        own_mask = MaskCrop.from_mask(dict(chosen)[nodule])
+        nodule, own_mask = max(chosen, key=lambda item: (int(item[1].bits.sum()),
+                                                         item[0].nodule_id))
+        shape = (header.rows, header.columns)
+        union = np.logical_or.reduce([m.full(shape) for _, m, _ in labelled])
         candidates.append(
             Candidate(
                 label=top_label,
