@@ -226,3 +226,33 @@ def test_framework_start_up_lines_stay_hidden(tmp_path: Path) -> None:
     assert done.stderr.strip().splitlines() == [
         f"ERROR dataset folder {tmp_path / 'nowhere'} does not exist; run "
         "prepare_lung_dataset.py first or pass --dataset."]
+
+
+def test_a_fifo_listed_in_the_manifest_is_refused_not_waited_on(
+        pipeline: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Only regular files are opened: a FIFO in place of an image is one sentence, no hang."""
+    import training_lung_cnn
+
+    _inputs_of("train", pipeline, tmp_path)
+    image = tmp_path / "output_dataset" / contract.read_manifest(
+        tmp_path / "output_dataset")["path"].iloc[0]
+    image.unlink()
+    os.mkfifo(image)
+    assert training_lung_cnn.main(_args("train", tmp_path)) == 2
+    assert f"image {image} listed in manifest.csv is not a regular file" in (
+        capsys.readouterr().err)
+
+
+@pytest.mark.slow
+def test_a_replaced_run_model_is_retrained_not_reused(
+        pipeline: dict[str, Path], tmp_path: Path) -> None:
+    """runs/<model>/model.keras swapped after training: the next run retrains it."""
+    _inputs_of("interpret", pipeline, tmp_path)
+    run_model = tmp_path / "runs" / "baseline" / "model.keras"
+    run_model.write_bytes(run_model.read_bytes() + b"\0")
+    rerun = subprocess.run([sys.executable, str(REPO / SCRIPTS["train"]),
+                            *_args("train", tmp_path)], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "model.keras changed since run.json was written: retraining" in rerun.stderr
+    _assert_same_outputs("train", pipeline, tmp_path)

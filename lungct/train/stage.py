@@ -151,7 +151,8 @@ def _run_fingerprint(
     name: str, config: TrainConfig, dataset: Dataset, weights: models.ResolvedWeights | None
 ) -> str:
     settings = config.to_json()
-    for unrelated in ("out_dir", "models", "overwrite", "progress", "gradcam_max_images",
+    for unrelated in ("dataset_dir", "out_dir", "models", "overwrite", "progress",
+                      "gradcam_max_images",
                       "fine_tune_layers_by_model"):
         settings.pop(unrelated)
     settings.update(
