@@ -25,6 +25,10 @@ def test_prepare_writes_what_the_contract_reads(pipeline: dict[str, Path]) -> No
     manifest = contract.read_manifest(dataset)
     info = contract.read_dataset_info(dataset)
     assert info["schema_version"] == contract.SCHEMA_VERSION
+    rule = info["label_rule"]
+    assert set(rule["nodules_single_reader"]) == set(rule["nodules"])
+    assert all(0 <= rule["nodules_single_reader"][k] <= n for k, n in rule["nodules"].items())
+    assert rule["clustering"].startswith("marks of different readers linked")
     assert info["n_images"] == len(manifest)
     assert set(manifest["split"]) == set(contract.SPLITS)
     assert set(manifest["label"]) == {0, 1}

@@ -565,7 +565,7 @@ def through_prepare(path: Path) -> str:
             parsed = parse_readings(path)
         except LidcParseError as error:
             return f"skipped: {error}"
-        found, _, outcomes = lidc_candidates(series_for(parsed.series_uid, path), parsed,
+        found, _, outcomes, _ = lidc_candidates(series_for(parsed.series_uid, path), parsed,
                                              LabelRule(), 10.0, str)
         return f"ok: {len(found)} candidates, nodules {outcomes}"
     try:

@@ -666,3 +666,25 @@ def test_far_from_marks_rejects_negative_margin() -> None:
     """A negative margin is refused, naming the value."""
     with pytest.raises(ValueError, match=r"margin_mm must be a finite number >= 0, got -1"):
         far_from_marks(np.zeros(3), np.zeros(1), -1)
+
+
+def test_xml_warnings_name_the_file_and_series(tmp_path: Path,
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    """A warning while parsing names the readings file and its series."""
+    ratings = {**rated(4), "internalStructure": 5}
+    text = document([nodule_xml("7", [roi_xml(0.0, square(10, 10, 20, 20))], ratings)],
+                    series_uid="1.3.6.1.99")
+    parse_readings(write(tmp_path, text))
+    assert "069.xml (series 1.3.6.1.99): reader 0 nodule '7': ignoring internalStructure=" in (
+        caplog.text)
+
+
+def test_clustering_warnings_name_where(caplog: pytest.LogCaptureFixture) -> None:
+    """A group that cannot be split by distance is named by the caller's patient and series."""
+    contours = [square_contour(10, 10, 20, 20)]
+    marks = (mark(0, rated(4), contours), mark(0, rated(4), contours),
+             mark(1, rated(4), contours))
+    readings = Readings(Path("069.xml"), "1.3.6.1.7", None, 2, marks, ())
+    nodules = cluster_nodules(readings, 0.7, 2.5, "patient P1, series 1.3.6.1.7")
+    assert sorted(n.n_readers for n in nodules) == [1, 2]
+    assert "patient P1, series 1.3.6.1.7: marks [0, 1, 2] stay linked" in caplog.text

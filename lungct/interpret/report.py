@@ -183,6 +183,18 @@ def _headline(report: dict) -> str:
             ", chosen on validation.</p>")
 
 
+def _single_readers(label_rule: dict | None) -> str:
+    """One sentence: nodules that rest on one reader's mark, beside --min-readers."""
+    counts = (label_rule or {}).get("nodules_single_reader")
+    if not isinstance(counts, dict) or not counts:
+        return ""
+    totals = label_rule.get("nodules") or {}
+    parts = ", ".join(f"{html.escape(str(outcome))} {count} of {totals.get(outcome, '?')}"
+                      for outcome, count in counts.items())
+    return (f"<p>Nodules marked by one reader only (min_readers = "
+            f"{html.escape(str(label_rule.get('min_readers')))}): {parts}.</p>")
+
+
 def _provenance(data: dict) -> str:
     splits = [[s, v["patients"], v["images"], v["cancer"], v["non_cancer"]]
               for s, v in sorted(data["splits"].items())]
@@ -195,7 +207,7 @@ def _provenance(data: dict) -> str:
         f"; image size {html.escape(str(data['image_size']))} px; preset "
         f"{html.escape(str(data['preset']))}.</p>"
         f"<p>Label rule (exclusions as recorded by prepare): <code>{html.escape(label_rule)}"
-        "</code></p>"
+        "</code></p>" + _single_readers(data["label_rule"])
         + _table(["split", "patients", "images", "cancer", "non_cancer"], splits)
         + f"<p>Split level: {data['split_level']}; patients found in more than one split: "
         f"{data['patients_in_more_than_one_split']}.</p>"

@@ -172,16 +172,18 @@ def lidc_candidates(
     reader (nodules of any size and non-nodules).
 
     Returns:
-        The candidates, a reason for each slice that is not one, and the count of nodules per
-        label-rule outcome.
+        The candidates, a reason for each slice that is not one, the count of nodules per
+        label-rule outcome, and per outcome the count of nodules marked by one reader only.
     """
-    nodules = cluster_nodules(
-        readings, series.pixel_spacing_mm, series.slice_spacing_mm
-    )
+    nodules = cluster_nodules(readings, series.pixel_spacing_mm, series.slice_spacing_mm,
+                              f"patient {series.patient_id}, series {series.series_uid}")
     outcomes: dict[str, int] = {}
+    single_reader: dict[str, int] = {}
     for nodule in nodules:
         outcome = rule.outcome(nodule)
         outcomes[outcome] = outcomes.get(outcome, 0) + 1
+        if nodule.n_readers == 1:
+            single_reader[outcome] = single_reader.get(outcome, 0) + 1
     on_slice = _slice_samples(series, nodules, rule)
     far = lidc.far_from_marks(series.z_mm, readings.all_mark_z_mm(), negative_margin_mm)
     candidates: list[Candidate] = []
@@ -225,7 +227,7 @@ def lidc_candidates(
                 **common,
             )
         )
-    return candidates, reasons, outcomes
+    return candidates, reasons, outcomes, single_reader
 
 
 def _folder_label(name: str) -> int | None:

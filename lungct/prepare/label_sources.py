@@ -52,15 +52,16 @@ def _header_or_reason(path: Path) -> dicom.SliceHeader | str:
 
 @dataclass
 class Found:
-    """Candidates, reasons for files that are not, the label source, nodule outcomes, and the
+    """Candidates, reasons for files that are not, the label source, nodule outcomes, the
     PatientID (0010,0020) of every DICOM header read (for pseudonyms of patients without
-    samples too)."""
+    samples too), and per outcome the nodules that rest on a single reader's mark."""
 
     candidates: list[Candidate]
     skipped: dict[Path, str]
     label_source: str
     outcomes: dict[str, int] = field(default_factory=dict)
     patient_ids: frozenset[str] = frozenset()
+    single_reader: dict[str, int] = field(default_factory=dict)
 
 
 def _index_dicom(files: list[Path], workers: int, skipped: dict[Path, str]) -> list:
@@ -96,6 +97,7 @@ def _from_lidc(config: PrepareConfig, root: Path, files: list[Path], xml_files: 
     skipped.update(dict(dropped))
     candidates: list[Candidate] = []
     outcomes: Counter[str] = Counter()
+    single_reader: Counter[str] = Counter()
     matched: set[str] = set()
     for series in series_list:
         readings = readings_by_series.get(series.series_uid)
@@ -103,17 +105,19 @@ def _from_lidc(config: PrepareConfig, root: Path, files: list[Path], xml_files: 
             skipped.update({s.path: "no readings for series" for s in series.slices})
             continue
         matched.add(series.series_uid)
-        found, reasons, counts = lidc_candidates(
+        found, reasons, counts, one_reader = lidc_candidates(
             series, readings, config.label_rule, config.negative_margin_mm, rel
         )
         candidates += found
         skipped.update(reasons)
         outcomes.update(counts)
+        single_reader.update(one_reader)
     for uid, readings in readings_by_series.items():
         if uid not in matched:
             skipped[readings.path] = "readings for a series that is not in the input"
     return Found(candidates, skipped, "lidc_xml", dict(sorted(outcomes.items())),
-                 frozenset(h.patient_id for h in headers))
+                 frozenset(h.patient_id for h in headers),
+                 {outcome: single_reader[outcome] for outcome in sorted(outcomes)})
 
 
 def _patient_finder(config: PrepareConfig, root: Path) -> Callable[[Path], str | None]:

@@ -22,6 +22,7 @@ import math
 import re
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
+from contextvars import ContextVar
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +47,21 @@ __all__ = [
 ]
 
 LOG = logging.getLogger(__name__)
+#: The readings file and series being parsed, named by every warning (see _WhereFilter).
+_WHERE: ContextVar[str] = ContextVar("lidc_xml_where", default="")
+
+
+class _WhereFilter(logging.Filter):
+    """Prefix this module's warnings with the file and series they concern."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        where = _WHERE.get()
+        if where:
+            record.msg = f"{where}: {record.msg}"
+        return True
+
+
+LOG.addFilter(_WhereFilter())
 
 #: The nine LIDC characteristic ratings and their allowed values (LIDC XML documentation).
 RATING_RANGES: dict[str, tuple[int, int]] = {
@@ -355,12 +371,16 @@ def parse_readings(path: Path) -> Readings:
     _at_most(len(marks_in_file), MAX_MARKS_PER_FILE, "nodule marks (unblindedReadNodule)")
     _at_most(sum(1 for _, element in marks_in_file for _ in _children(element, "roi")),
              MAX_ROIS_PER_FILE, "rois in the file")
-    for reader, session in enumerate(sessions):
-        parsed = (_parse_mark(element, reader) for element in _children(session,
-                                                                          "unblindedReadNodule"))
-        marks.extend(mark for mark in parsed if mark is not None)
-        non_nodules.extend(_parse_non_nodule(element, reader)
-                           for element in _children(session, "nonNodule"))
+    where = _WHERE.set(f"{path.name} (series {series_uid})")
+    try:
+        for reader, session in enumerate(sessions):
+            parsed = (_parse_mark(element, reader)
+                      for element in _children(session, "unblindedReadNodule"))
+            marks.extend(mark for mark in parsed if mark is not None)
+            non_nodules.extend(_parse_non_nodule(element, reader)
+                               for element in _children(session, "nonNodule"))
+    finally:
+        _WHERE.reset(where)
     return Readings(path, series_uid, study_uid, len(sessions), tuple(marks), tuple(non_nodules))
 
 

@@ -26,10 +26,19 @@ import numpy as np
 
 from lungct.prepare.lidc_xml import Contour, ReaderMark, Readings
 
-__all__ = ["Nodule", "cluster_nodules"]
+__all__ = ["CLUSTERING_RULE", "Nodule", "cluster_nodules"]
 
 LOG = logging.getLogger(__name__)
 
+#: The grouping rule as implemented, recorded in dataset.json's label rule.
+CLUSTERING_RULE = (
+    "marks of different readers linked when their contour points (x, y, z in mm) come within "
+    "max(slice spacing, pixel spacing) or a roi centre lies inside the other's outline within "
+    "that distance in z; nodules = connected components with at most one mark per reader and "
+    "at most 4 marks; an over-full component alone is re-clustered at 0.9x the tolerance down "
+    "to 0.1 mm, then split nearest pair first. Adapted from pylidc cluster_annotations, which "
+    "measures in voxel index units and tightens the tolerance for the whole scan."
+)
 _MAX_MARKS_PER_NODULE = 4  # LIDC: four readers per series (pylidc's re-clustering bound)
 _SHRINK_FACTOR = 0.9  # pylidc's `factor`
 _MIN_TOLERANCE_MM = 0.1  # pylidc's `min_tol`
@@ -198,7 +207,7 @@ def _union_components(members: Sequence[int], edges: Iterable[tuple[int, int]],
 
 
 def _cluster(members: list[int], distances: np.ndarray, readers: Sequence[int],
-             tolerance_mm: float) -> list[list[int]]:
+             tolerance_mm: float, where: str) -> list[list[int]]:
     """Connected components at ``tolerance_mm``; invalid ones re-clustered at 0.9 x."""
 
     def valid(group: list[int]) -> bool:
@@ -212,12 +221,13 @@ def _cluster(members: list[int], distances: np.ndarray, readers: Sequence[int],
         if valid(group):
             result.append(group)
         elif tolerance_mm * _SHRINK_FACTOR >= _MIN_TOLERANCE_MM:
-            result.extend(_cluster(group, distances, readers, tolerance_mm * _SHRINK_FACTOR))
+            result.extend(_cluster(group, distances, readers, tolerance_mm * _SHRINK_FACTOR,
+                                   where))
         else:
             # Marks touching at (near) zero distance: join nearest pairs first, keeping groups
             # valid, so that no reader appears twice in a nodule.
-            LOG.warning("marks %s stay linked at %.2f mm; splitting nearest-first", group,
-                        tolerance_mm)
+            LOG.warning("%s: marks %s stay linked at %.2f mm; splitting nearest-first", where,
+                        group, tolerance_mm)
             in_group = set(group)
             nearest = sorted((pair for pair in edges if pair[0] in in_group
                               and pair[1] in in_group), key=lambda pair: (distances[pair], pair))
@@ -277,10 +287,11 @@ def _build_nodule(marks: list[ReaderMark], pixel_spacing_mm: float) -> Nodule:
 
 
 def cluster_nodules(readings: Readings, pixel_spacing_mm: float,
-                    slice_thickness_mm: float) -> list[Nodule]:
+                    slice_thickness_mm: float, where: str = "") -> list[Nodule]:
     """Group the marks of different readers that belong to one lesion.
 
-    After pylidc ``Scan.cluster_annotations``: two marks of different readers are linked when
+    Adapted from pylidc ``Scan.cluster_annotations`` (it differs: see CLUSTERING_RULE): two
+    marks of different readers are linked when
     their contour points (x, y, z in mm) come within ``max(slice_thickness_mm,
     pixel_spacing_mm)``, or when the centre of one's roi lies inside the other's outline
     within that distance in z; nodules are the connected components. A component with more
@@ -291,6 +302,8 @@ def cluster_nodules(readings: Readings, pixel_spacing_mm: float,
         readings: from :func:`parse_readings`.
         pixel_spacing_mm: in-plane pixel size, (0028,0030) Pixel Spacing.
         slice_thickness_mm: (0018,0050) Slice Thickness (or the slice spacing).
+        where: names the patient and series in warnings (default: the readings file and its
+            series).
 
     Returns:
         Nodules of all sizes ordered by centre (z, y, x), ids "N01", "N02"...
@@ -302,7 +315,9 @@ def cluster_nodules(readings: Readings, pixel_spacing_mm: float,
     marks = readings.marks
     tolerance_mm = max(slice_thickness_mm, pixel_spacing_mm)
     distances = _mark_distances_mm(marks, pixel_spacing_mm, tolerance_mm)
-    groups = _cluster(list(range(len(marks))), distances, [m.reader for m in marks], tolerance_mm)
+    where = where or f"{readings.path.name} (series {readings.series_uid})"
+    groups = _cluster(list(range(len(marks))), distances, [m.reader for m in marks],
+                      tolerance_mm, where)
     nodules = [_build_nodule([marks[i] for i in group], pixel_spacing_mm) for group in groups]
     nodules.sort(key=lambda n: (n.centre_z_mm, n.centre_xy_px[1], n.centre_xy_px[0]))
     width = max(2, len(str(len(nodules))))

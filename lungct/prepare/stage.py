@@ -27,6 +27,7 @@ from lungct.prepare.archives import MARKER_SUFFIX
 from lungct.prepare.candidates import Candidate, relative_display_path
 from lungct.prepare.config import PrepareConfig
 from lungct.prepare.label_sources import Found, find_candidates
+from lungct.prepare.nodules import CLUSTERING_RULE
 from lungct.prepare.pseudonym import Pseudonymiser, masked_logging, pseudonymise
 from lungct.prepare.render import RenderSettings, encode_png, render
 from lungct.prepare.split import Selection, balance, split_patients
@@ -49,8 +50,12 @@ def _list_files(root: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
             path = Path(folder, name)
             if path.is_symlink():
                 links.append((path, "symbolic link, not followed"))
-            elif not name.endswith(MARKER_SUFFIX) and path.is_file():
+            elif name.endswith(MARKER_SUFFIX):
+                continue
+            elif path.is_file():
                 files.append(path)
+            else:
+                links.append((path, "not a regular file (FIFO, socket or device), not opened"))
     return files, links
 
 
@@ -281,7 +286,9 @@ def _describe(config: PrepareConfig, source: sources.ResolvedSource, found: Foun
         "source": source.description,
         "synthetic": source.kind == "synthetic",
         "label_source": found.label_source,
-        "label_rule": {**config.label_rule.to_dict(), "nodules": found.outcomes}
+        "label_rule": {**config.label_rule.to_dict(), "nodules": found.outcomes,
+                       "nodules_single_reader": found.single_reader,
+                       "clustering": CLUSTERING_RULE}
         if found.label_source == "lidc_xml" else None,
         "negative_margin_mm": config.negative_margin_mm,
         "window": {"center_hu": settings.window_center_hu, "width_hu": settings.window_width_hu},
