@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from pydicom.data import get_testdata_file
 
-from lungct.prepare import dicom, render
+from lungct.prepare import decoders, dicom, render
 
 
 def test_apply_window_dicom_linear_function():
@@ -167,10 +167,66 @@ def test_compressed_without_decoder_is_skipped(tmp_path, monkeypatch):
     class NoDecoder:
         is_available = False
 
-    monkeypatch.setattr(dicom, "get_decoder", lambda uid: NoDecoder())
+    monkeypatch.setattr(decoders, "get_decoder", lambda uid: NoDecoder())
     with pytest.raises(dicom.UnusableFileError, match="compressed transfer syntax JPEG 2000 Image "
-                                              "Compression \\(Lossless Only\\) with no installed"):
+                                              "Compression \\(Lossless Only\\) "
+                                              "\\(1\\.2\\.840\\.10008\\.1\\.2\\.4\\.90\\) "
+                                              "with no installed decoder$"):
         dicom.read_header(path)
+    with pytest.raises(dicom.UnusableFileError, match=r"\(1\.2\.840\.10008\.1\.2\.4\.90\) with"):
+        render.read_hu(path)
+
+
+def test_syntax_without_any_pydicom_decoder_is_skipped(tmp_path):
+    """MPEG-2 video has no decoder in pydicom: skipped at indexing, naming syntax and UID."""
+    import pydicom
+
+    path = tmp_path / "m.dcm"
+    shutil.copy(Path(get_testdata_file("CT_small.dcm", download=False)), path)
+    ds = pydicom.dcmread(path)
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.MPEG2MPML
+    ds.PixelData = pydicom.encaps.encapsulate([b"\0" * 16])
+    ds.save_as(path)
+    with pytest.raises(dicom.UnusableFileError, match=(
+            r"^compressed transfer syntax MPEG2 Main Profile / Main Level "
+            r"\(1\.2\.840\.10008\.1\.2\.4\.100\) with no installed decoder$")):
+        dicom.read_header(path)
+
+
+@pytest.mark.parametrize(("flag", "syntax", "lossy"), [
+    (None, "1.2.840.10008.1.2.1", False), ("01", "1.2.840.10008.1.2.1", True),
+    ("00", "1.2.840.10008.1.2.1", False), (None, "1.2.840.10008.1.2.4.91", True),
+    ("00", "1.2.840.10008.1.2.4.91", False), (None, "1.2.840.10008.1.2.4.90", False),
+    (None, "1.2.840.10008.1.2.4.50", True), (None, "1.2.840.10008.1.2.4.80", False),
+    (None, "1.2.840.10008.1.2.4.81", True), (None, "1.2.840.10008.1.2.4.203", True)])
+def test_lossy_is_the_flag_or_a_lossy_syntax(flag, syntax, lossy):
+    """(0028,2110) Lossy Image Compression "01", or a lossy syntax unless the flag says "00"."""
+    import pydicom
+
+    ds = pydicom.Dataset()
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = syntax
+    if flag is not None:
+        ds.LossyImageCompression = flag
+    assert decoders.is_lossy(ds, pydicom.uid.UID(syntax)) is lossy
+
+
+def test_header_records_lossy_and_series_warns_once(ct_slice, caplog):
+    """SliceHeader.lossy holds (0028,2110); assemble_series logs one warning per lossy series."""
+    import pydicom
+
+    paths = [ct_slice(f"s{z}.dcm", np.zeros((2, 2)), float(z)) for z in range(3)]
+    for path in paths[:2]:
+        ds = pydicom.dcmread(path)
+        ds.LossyImageCompression = "01"
+        ds.save_as(path)
+    headers = [dicom.read_header(path) for path in paths]
+    assert [h.lossy for h in headers] == [True, True, False]
+    with caplog.at_level("WARNING", logger="lungct.prepare.dicom"):
+        dicom.assemble_series(headers)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"series {headers[0].series_uid}: 2 of 3 slices lossy-compressed; padding taken as HU "
+        "below -1500"]
 
 
 def test_absent_rescale_and_thickness_take_their_defaults(ct_slice):
@@ -210,3 +266,22 @@ def test_header_rules_name_tag_value_and_allowed_range(ct_slice):
             r"^invalid \(0028,1053\) Rescale Slope: 5000(\.0)?; allowed: 0\.001 <= \|slope\| "
             r"<= 1000$")):
         dicom.read_header(path)
+
+
+def test_no_finding_patch_without_lung_is_skipped(ct_slice):
+    """A no_finding patch (no centre given) on a slice without lung tissue is skipped with
+    its reason instead of falling back to the image centre; with a centre it renders."""
+    from lungct.prepare.candidates import Candidate
+
+    path = ct_slice("m.dcm", np.full((32, 32), 40.0))  # soft tissue only: mediastinum
+    settings = render.RenderSettings(16, -600.0, 1500.0, "patch", 10.0)
+    candidate = Candidate(path, path.name, "P", 0, "", series_uid="1.2", slice_z_mm=0.0,
+                          pixel_spacing_mm=0.7)
+    with pytest.raises(dicom.UnusableFileError,
+                       match="^no lung tissue for a no_finding patch centre$"):
+        render.render(candidate, settings)
+    with pytest.raises(dicom.UnusableFileError, match="^no lung tissue"):
+        render.lung_tissue_centre(np.full((32, 32), -1000.0), 8, "seed")  # air only
+    centred = Candidate(path, path.name, "P", 0, "", series_uid="1.2", slice_z_mm=0.0,
+                        pixel_spacing_mm=0.7, centre_xy_px=(16.0, 16.0))
+    assert render.render(centred, settings).image.shape == (16, 16)

@@ -9,7 +9,8 @@ files are under 5 MB but one 32 MB control, the largest slice the caps allow):
 - ``size_bombs``: headers claiming more pixels than the file holds or than the caps allow,
   RLE and deflate bombs, codestreams larger than their header, patches larger than a slice;
 - ``truncated``: zero-length and cut files;
-- ``valid``: plain, compressed and deflated slices that must still decode (controls);
+- ``valid``: plain, compressed (RLE, JPEG, JPEG 2000, JPEG-LS) and deflated slices that must
+  still decode (controls);
 - ``image_files``: PNG, JPEG, BMP and TIFF headers claiming huge images (class-folder input);
 - ``xml``: LIDC readings with non-finite or absurd coordinates, huge outlines, too many marks
   or elements.
@@ -50,6 +51,7 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
+    JPEGLSLossless,
     RLELossless,
 )
 
@@ -72,9 +74,10 @@ NIH = "http://www.nih.gov"
 
 
 def hu_pattern(rows: int = 16, columns: int = 16) -> np.ndarray:
-    """A small CT-like slice: air around a soft-tissue square."""
+    """A small CT-like slice: air around a soft-tissue square around lung (a patch centre)."""
     hu = np.full((rows, columns), -1000.0)
     hu[rows // 4 : 3 * rows // 4, columns // 4 : 3 * columns // 4] = 40.0
+    hu[3 * rows // 8 : 5 * rows // 8, 3 * columns // 8 : 5 * columns // 8] = -850.0
     return hu
 
 
@@ -139,12 +142,13 @@ def rle_replicate(n_bytes: int, value: int = 0) -> bytes:
 
 
 def compressed_pixels(hu: np.ndarray, syntax: str) -> Callable[[Path], Path]:
-    """A slice of ``hu`` stored compressed: RLE by pydicom, JPEG 2000 by Pillow (unsigned)."""
+    """A slice of ``hu`` stored compressed: RLE and JPEG-LS by pydicom, JPEG 2000 by Pillow
+    (unsigned)."""
 
     def build(path: Path) -> Path:
-        if syntax == RLELossless:
+        if syntax in (RLELossless, JPEGLSLossless):
             ds = pydicom.dcmread(write_ct_slice(path, hu, 0.0, series_uid=SERIES_UID))
-            ds.compress(RLELossless)
+            ds.compress(syntax)
         else:
             ds = pydicom.dcmread(write_ct_slice(path, hu, 0.0, series_uid=SERIES_UID))
             stored = (np.asarray(hu) + 1024).astype(np.uint16)
@@ -161,10 +165,11 @@ def compressed_pixels(hu: np.ndarray, syntax: str) -> Callable[[Path], Path]:
 
 
 def jpeg_baseline(claimed_rows: int | None = None) -> Callable[[Path], Path]:
-    """An 8-bit JPEG baseline slice; ``claimed_rows`` rewrites the SOF0 height and width."""
+    """An 8-bit JPEG baseline slice (8 HU per stored unit from -1000 HU: air, tissue around
+    lung); ``claimed_rows`` rewrites the SOF0 height and width."""
 
     def build(path: Path) -> Path:
-        stored = np.tile(np.arange(0, 256, 16, dtype=np.uint8), (16, 1))
+        stored = np.rint((hu_pattern() + 1000) / 8).astype(np.uint8)
         buffer = io.BytesIO()
         Image.fromarray(stored).save(buffer, "JPEG", quality=95)
         frame = bytearray(buffer.getvalue())
@@ -174,6 +179,7 @@ def jpeg_baseline(claimed_rows: int | None = None) -> Callable[[Path], Path]:
         ds = pydicom.dcmread(ct(path))
         ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+        ds.RescaleSlope, ds.RescaleIntercept = 8, -1000
         ds.PixelData = encapsulate([bytes(frame)])
         ds["PixelData"].VR = "OB"
         ds.save_as(path)
@@ -193,6 +199,57 @@ def j2k_claiming(rows: int) -> Callable[[Path], Path]:
         frame[siz + 8 : siz + 16] = rows.to_bytes(4, "big") * 2
         ds.PixelData = encapsulate([bytes(frame)])
         ds.save_as(path)
+        return path
+
+    return build
+
+
+def claiming(syntax: str, rows: int = 0, components: int = 0) -> Callable[[Path], Path]:
+    """A JPEG-LS or JPEG 2000 slice (header 16 x 16) whose codestream claims ``rows`` x
+    ``rows`` pixels (SOF55 Y X, or SIZ Xsiz Ysiz) or ``components`` components (SIZ Csiz)."""
+
+    def build(path: Path) -> Path:
+        compressed_pixels(hu_pattern(), syntax)(path)
+        ds = pydicom.dcmread(path)
+        frame = bytearray(pydicom.encaps.get_frame(ds.PixelData, 0, number_of_frames=1))
+        if syntax == JPEGLSLossless:
+            sof = frame.find(b"\xff\xf7")
+            frame[sof + 5 : sof + 9] = rows.to_bytes(2, "big") * 2
+        else:
+            siz = frame.find(b"\xff\x4f\xff\x51")
+            frame[siz + 40 : siz + 42] = components.to_bytes(2, "big")
+        ds.PixelData = encapsulate([bytes(frame)])
+        ds.save_as(path)
+        return path
+
+    return build
+
+
+def rle_with_trailing_runs(path: Path) -> Path:
+    """A 512 x 512 RLE slice of :func:`hu_pattern` whose two segments each go on with 250 KB
+    of runs past the image (pydicom's decoder would expand them 64-fold, to 32 MB)."""
+    compressed_pixels(hu_pattern(512, 512), RLELossless)(path)
+    ds = pydicom.dcmread(path)
+    frame = pydicom.encaps.get_frame(ds.PixelData, 0, number_of_frames=1)
+    starts = [int.from_bytes(frame[i : i + 4], "little") for i in (4, 8)]
+    segments = [frame[start:end] + rle_replicate(64 * 250_000)
+                for start, end in zip(starts, [starts[1], len(frame)], strict=True)]
+    ds.PixelData = encapsulate([rle_frame(*segments)])
+    ds.save_as(path)
+    return path
+
+
+def largest_allowed(syntax: str | None = None) -> Callable[[Path], Path]:
+    """The largest slice the caps allow (4096 x 4096 x 16 bits of noise, 0.05 mm pixels),
+    uncompressed or losslessly compressed in ``syntax`` by pydicom's encoder."""
+
+    def build(path: Path) -> Path:
+        write_ct_slice(path, np.random.default_rng(0).integers(-1000, 400, (4096, 4096)), 0.0,
+                       series_uid=SERIES_UID, pixel_spacing_mm=0.05)
+        if syntax is not None:
+            ds = pydicom.dcmread(path)
+            ds.compress(syntax)
+            ds.save_as(path)
         return path
 
     return build
@@ -344,7 +401,7 @@ SLOPE = "; allowed: 0.001 <= |slope| <= 1000"
 INTERCEPT = "; allowed: |intercept| < 100000 HU"
 SPACING = "; allowed: 2 numbers, 0.01-10 mm"
 POSITION = "; allowed: 3 numbers within +-10000 mm"
-FRAMES = "; allowed: at most 1 (multi-frame images are not read)"
+FRAMES = "; allowed: at most 1 (enhanced (multi-frame) CT is not supported)"
 
 CORPUS: dict[str, dict[str, Hostile]] = {
     "bad_numbers": {
@@ -453,6 +510,14 @@ CORPUS: dict[str, dict[str, Hostile]] = {
             j2k_claiming(12000),
             "JPEG 2000 Image Compression (Lossless Only) codestream image size (12000, 12000) "
             "differs from (0028,0010) Rows x (0028,0011) Columns (16, 16)"),
+        "jpegls_claiming_16000x16000.dcm": Hostile(
+            claiming(JPEGLSLossless, rows=16000),
+            "JPEG-LS Lossless Image Compression codestream image size (16000, 16000) differs "
+            "from (0028,0010) Rows x (0028,0011) Columns (16, 16)"),
+        "j2k_claiming_4_components.dcm": Hostile(
+            claiming(JPEG2000Lossless, components=4),
+            "JPEG 2000 Image Compression (Lossless Only) codestream declares 4 components of "
+            "16 bits; allowed: 1 of at most (0028,0100) Bits Allocated 16"),
         "spacing_0.01_patch_6400_px.dcm": Hostile(  # allowed spacing, but 64 mm = 6400 px
             with_raw("PixelSpacing", "DS", "0.01\\0.01"),
             "patch of 6400 px (--patch-mm 64 / pixel spacing 0.01 mm) exceeds 4096 px"),
@@ -472,20 +537,19 @@ CORPUS: dict[str, dict[str, Hostile]] = {
         "plain.dcm": Hostile(ct, None),
         "rle.dcm": Hostile(compressed_pixels(hu_pattern(), RLELossless), None),
         "jpeg2000.dcm": Hostile(compressed_pixels(hu_pattern(), JPEG2000Lossless), None),
+        "jpegls.dcm": Hostile(compressed_pixels(hu_pattern(), JPEGLSLossless), None),
         "jpeg_baseline.dcm": Hostile(jpeg_baseline(), None),
         "deflated.dcm": Hostile(deflated(0), None),
         # The largest slice the caps allow (4096 x 4096 x 16 bits, 32 MB), in patch view at
         # 0.05 mm per pixel (1280 px patches): the peak memory the caps are sized for.
-        "largest_allowed_4096x4096.dcm": Hostile(
-            lambda path: write_ct_slice(path, np.random.default_rng(0).integers(
-                -1000, 400, (4096, 4096)), 0.0, series_uid=SERIES_UID, pixel_spacing_mm=0.05),
-            None),
+        "largest_allowed_4096x4096.dcm": Hostile(largest_allowed(), None),
+        # The same slice compressed: what the codecs allocate stays within the same budget.
+        "largest_allowed_jpegls_4096x4096.dcm": Hostile(largest_allowed(JPEGLSLossless), None),
+        "largest_allowed_jpeg2000_4096x4096.dcm": Hostile(largest_allowed(JPEG2000Lossless),
+                                                          None),
         # Within the compressed-length cap, runs past the image are decoded up to its size
         # only (pydicom's decoder would expand these 2 x 250 KB 64-fold, to 32 MB).
-        "rle_with_trailing_runs.dcm": Hostile(
-            with_pixels(RLELossless, encapsulate([rle_frame(rle_replicate(64 * 250_000),
-                                                            rle_replicate(64 * 250_000))]),
-                        512, 512), None),
+        "rle_with_trailing_runs.dcm": Hostile(rle_with_trailing_runs, None),
     },
     "image_files": {  # class-folder inputs: decoded by OpenCV only within the same caps
         "png_claiming_100000.png": Hostile(image_file(".png", 100_000),
@@ -604,9 +668,9 @@ def test_bad_number_is_refused_by_read_hu_too(corpus):
         render.read_hu(corpus["slope_nan.dcm"])
 
 
-@pytest.mark.parametrize("name", ["rle.dcm", "jpeg2000.dcm", "deflated.dcm"])
+@pytest.mark.parametrize("name", ["rle.dcm", "jpeg2000.dcm", "jpegls.dcm", "deflated.dcm"])
 def test_compressed_controls_decode_to_the_same_hu(corpus, name):
-    """Lossless RLE, JPEG 2000 and deflate give exactly the HU of the plain slice."""
+    """Lossless RLE, JPEG 2000, JPEG-LS and deflate give exactly the HU of the plain slice."""
     plain, _ = render.read_hu(corpus["plain.dcm"])
     hu, _ = render.read_hu(corpus[name])
     np.testing.assert_array_equal(hu, plain)
@@ -662,7 +726,8 @@ def test_random_corruptions_never_crash_prepare(corpus, tmp_path):
     XML encodings used to raise)."""
     rng = np.random.default_rng(2024)
     seeds = [corpus[name].read_bytes() for name in
-             ("plain.dcm", "rle.dcm", "jpeg2000.dcm", "jpeg_baseline.dcm", "deflated.dcm")]
+             ("plain.dcm", "rle.dcm", "jpeg2000.dcm", "jpeg_baseline.dcm", "deflated.dcm",
+              "jpegls.dcm")]
     xml_seed = readings([mark("a", roi(0.0, square(100, 100, 12)), roi(2.5, square(101, 101, 10)))],
                         [mark("b", roi(0.0, square(102, 100, 12)), malignancy=1)]).encode()
     files = [(f"m{i}.dcm", data) for i, data in enumerate(

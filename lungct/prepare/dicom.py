@@ -22,7 +22,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple, TypeVar
+from typing import TypeVar
 
 import numpy as np
 import pydicom
@@ -30,15 +30,16 @@ from pydicom.datadict import dictionary_description, tag_for_keyword
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
 from pydicom.multival import MultiValue
-from pydicom.pixels import get_decoder
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+
+from lungct.prepare.decoders import DecodeRefusedError, PixelFormat, check_pixel_data, is_lossy
 
 __all__ = [
     "AIR_HU", "LUNG_WINDOW", "CT_IMAGE_STORAGE", "MAX_ROWS", "MAX_COLUMNS", "MAX_FRAMES",
     "ALLOWED_BITS_ALLOCATED", "MAX_SLICE_BYTES", "MAX_FILE_BYTES", "MIN_PIXEL_SPACING_MM",
     "MAX_PIXEL_SPACING_MM", "MAX_ABS_POSITION_MM", "MIN_SLICE_THICKNESS_MM",
     "MAX_SLICE_THICKNESS_MM", "MIN_ABS_RESCALE_SLOPE", "MAX_ABS_RESCALE_SLOPE",
-    "MAX_ABS_RESCALE_INTERCEPT_HU", "HEADER_RULES", "SliceHeader", "Series", "PixelFormat",
+    "MAX_ABS_RESCALE_INTERCEPT_HU", "HEADER_RULES", "SliceHeader", "Series",
     "UnusableFileError", "refuse_unreadable", "read_dataset", "transfer_syntax", "pixel_format",
     "read_header", "assemble_series", "parse_window",
 ]
@@ -93,7 +94,7 @@ HEADER_RULES: dict[str, tuple[int, Callable[[float], bool], str]] = {
     "PixelRepresentation": (1, lambda v: v in (0, 1), "0 or 1"),
     "SamplesPerPixel": (1, lambda v: v == 1, "1 (grayscale)"),
     "NumberOfFrames": (1, _integer(1, MAX_FRAMES),
-                       f"at most {MAX_FRAMES} (multi-frame images are not read)"),
+                       f"at most {MAX_FRAMES} (enhanced (multi-frame) CT is not supported)"),
     "RescaleSlope": (1, lambda v: MIN_ABS_RESCALE_SLOPE <= abs(v) <= MAX_ABS_RESCALE_SLOPE,
                      f"{MIN_ABS_RESCALE_SLOPE:g} <= |slope| <= {MAX_ABS_RESCALE_SLOPE:g}"),
     "RescaleIntercept": (1, lambda v: abs(v) < MAX_ABS_RESCALE_INTERCEPT_HU,
@@ -116,7 +117,8 @@ _REQUIRED = frozenset({"Rows", "Columns", "BitsAllocated", "ImagePositionPatient
                        "PixelSpacing"})
 #: The only attributes indexing parses (pixel data stays on disk, deferred).
 HEADER_TAGS = ("Modality", "SOPClassUID", "ImageType", "SeriesInstanceUID", "StudyInstanceUID",
-               "SOPInstanceUID", "PatientID", "PixelData", *_PIXEL_KEYWORDS, *_GEOMETRY_KEYWORDS)
+               "SOPInstanceUID", "PatientID", "PixelData", "LossyImageCompression",
+               *_PIXEL_KEYWORDS, *_GEOMETRY_KEYWORDS)
 
 
 class UnusableFileError(Exception):
@@ -127,8 +129,9 @@ _R = TypeVar("_R")
 
 
 def refuse_unreadable(function: Callable[..., _R]) -> Callable[..., _R]:
-    """Decorator: any other error while reading a file becomes UnusableFileError naming its
-    type (pydicom converts values lazily and raises many types on corrupt input)."""
+    """Decorator: DecodeRefusedError becomes UnusableFileError with its reason, any other
+    error UnusableFileError naming its type (pydicom converts values lazily and raises many
+    types on corrupt input)."""
 
     @functools.wraps(function)
     def wrapper(*args: object, **kwargs: object) -> _R:
@@ -136,6 +139,8 @@ def refuse_unreadable(function: Callable[..., _R]) -> Callable[..., _R]:
             return function(*args, **kwargs)
         except UnusableFileError:
             raise
+        except DecodeRefusedError as error:  # lungct.prepare.decoders' reason
+            raise UnusableFileError(str(error)) from None
         except Exception as error:
             raise UnusableFileError(f"unreadable DICOM ({type(error).__name__})") from None
 
@@ -157,6 +162,7 @@ class SliceHeader:
     columns: int
     pixel_spacing_mm: float
     slice_thickness_mm: float | None
+    lossy: bool = False  # (0028,2110) Lossy Image Compression 01 or a lossy syntax (decoders)
 
 
 @dataclass(frozen=True)
@@ -183,25 +189,6 @@ class Series:
         if len(self.slices) > 1:
             return float(np.median(np.diff(self.z_mm)))
         return self.slices[0].slice_thickness_mm or 1.0
-
-
-class PixelFormat(NamedTuple):
-    """The checked numbers that decide how stored values are decoded and mapped to HU.
-
-    Defaults of absent attributes: (0028,0101) Bits Stored = Bits Allocated, (0028,0103)
-    Pixel Representation 0 (unsigned), (0028,1053) Rescale Slope 1, (0028,1052) Rescale
-    Intercept 0, no padding.
-    """
-
-    rows: int
-    columns: int
-    bits_allocated: int
-    bits_stored: int
-    signed: bool
-    slope: float
-    intercept: float
-    padding: tuple[int, int] | None  # lowest and highest padding stored value
-    n_bytes: int  # decoded: Rows x Columns x Bits Allocated / 8
 
 
 def _label(keyword: str) -> str:
@@ -341,33 +328,14 @@ def _reason_not_ct(ds: pydicom.Dataset) -> str | None:
     sop_class = str(ds.get("SOPClassUID", ""))
     if modality != "CT":
         return f"not a CT image ((0008,0060) Modality {modality or 'missing'})"
-    if sop_class and sop_class not in (CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE):
+    if sop_class == ENHANCED_CT_IMAGE_STORAGE:
+        return "enhanced (multi-frame) CT is not supported ((0008,0016) SOP Class UID)"
+    if sop_class and sop_class != CT_IMAGE_STORAGE:
         return f"not CT Image Storage ((0008,0016) SOP Class UID {sop_class})"
     image_type = [str(v).upper() for v in ds.get("ImageType", [])]
     if "LOCALIZER" in image_type:
         return "localizer image ((0008,0008) Image Type LOCALIZER)"
     return None
-
-
-def _check_pixel_data(ds: pydicom.Dataset, path: Path, pixels: PixelFormat) -> None:
-    """Refuse pixel data that is short, truncated or needs a decoder that is not installed."""
-    syntax = transfer_syntax(ds)
-    if syntax.is_compressed:
-        if not get_decoder(syntax).is_available:
-            raise UnusableFileError(f"compressed transfer syntax {syntax.name} with no "
-                                    "installed decoder")
-        return
-    raw = ds.get_item("PixelData", keep_deferred=True)
-    length = getattr(raw, "length", None)
-    length = len(raw.value or b"") if length is None else length
-    if length < pixels.n_bytes:
-        raise UnusableFileError(
-            f"pixel data of {length} bytes, fewer than the {pixels.n_bytes} of (0028,0010) "
-            "Rows x (0028,0011) Columns x (0028,0100) Bits Allocated / 8")
-    tell = getattr(raw, "value_tell", None)
-    if tell is not None and not syntax.is_deflated and (
-            tell + pixels.n_bytes > os.path.getsize(path)):
-        raise UnusableFileError("truncated pixel data")
 
 
 @refuse_unreadable
@@ -391,7 +359,8 @@ def read_header(path: Path) -> SliceHeader:
     series_uid = str(ds.get("SeriesInstanceUID", ""))
     if not series_uid.strip():
         raise UnusableFileError(f"missing {_label('SeriesInstanceUID')}")
-    _check_pixel_data(ds, path, pixels)
+    syntax = transfer_syntax(ds)
+    check_pixel_data(ds, path, pixels, syntax)
     thickness, instance = geometry["SliceThickness"], geometry["InstanceNumber"]
     return SliceHeader(
         path=path, patient_id=str(ds.get("PatientID", "")).strip(),
@@ -399,7 +368,7 @@ def read_header(path: Path) -> SliceHeader:
         sop_uid=str(ds.get("SOPInstanceUID", "")), z_mm=geometry["ImagePositionPatient"][2],
         instance_number=int(instance[0]) if instance else 0, rows=pixels.rows,
         columns=pixels.columns, pixel_spacing_mm=float(np.mean(geometry["PixelSpacing"])),
-        slice_thickness_mm=thickness[0] if thickness else None)
+        slice_thickness_mm=thickness[0] if thickness else None, lossy=is_lossy(ds, syntax))
 
 
 def assemble_series(
@@ -432,6 +401,9 @@ def assemble_series(
             else:
                 kept.append(header)
         series.append(Series(uid, kept[0].patient_id, tuple(kept)))
+        if lossy := sum(header.lossy for header in kept):
+            LOG.warning("series %s: %d of %d slices lossy-compressed; padding taken as HU "
+                        "below -1500", uid, lossy, len(kept))
     return series, dropped
 
 

@@ -19,17 +19,21 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pydicom
-from pydicom.encaps import get_frame
-from pydicom.pixels import get_decoder
-from pydicom.uid import RLELossless
 
 from lungct.prepare.candidates import IMAGE_SUFFIXES, Candidate
+from lungct.prepare.decoders import (
+    DecodeRefusedError,
+    PixelFormat,
+    codestream_size,
+    decode_compressed,
+    is_lossy,
+    syntax_label,
+)
 from lungct.prepare.dicom import (
     AIR_HU,
     MAX_COLUMNS,
     MAX_FILE_BYTES,
     MAX_ROWS,
-    PixelFormat,
     UnusableFileError,
     pixel_format,
     read_dataset,
@@ -38,24 +42,20 @@ from lungct.prepare.dicom import (
 )
 
 __all__ = [
-    "MAX_COMPRESSED_TO_DECODED", "COMPRESSED_SLACK_BYTES", "MAX_PATCH_SIDE_PX", "RenderSettings",
+    "MAX_PATCH_SIDE_PX", "RenderSettings",
     "Rendered", "render", "read_hu", "apply_window", "square_and_resize", "encode_png",
-    "lung_tissue_centre",
+    "lung_tissue_centre", "LOSSY_AIR_BELOW_HU", "NO_LUNG_REASON",
 ]
 
 PNG_PARAMS = [cv2.IMWRITE_PNG_COMPRESSION, 1]  # fastest zlib level; files ~10% larger
 _LUNG_MAX_HU = -500.0
 _BODY_MIN_HU = -500.0
-# Compressed pixel data may hold at most 2 x its decoded bytes + 64 KiB: lossless codecs grow
-# incompressible data by under 1 %, so anything longer only makes work.
-MAX_COMPRESSED_TO_DECODED = 2
-COMPRESSED_SLACK_BYTES = 65536
+#: HU; in lossy data every pixel below this is padding (or codec ringing next to it) -> air.
+LOSSY_AIR_BELOW_HU = -1500.0
+NO_LUNG_REASON = "no lung tissue for a no_finding patch centre"
 #: px; a patch (--patch-mm / pixel spacing) wider than the largest slice (4096 px, 64 MB of
 #: float32 HU) is refused rather than allocated.
 MAX_PATCH_SIDE_PX = 4096
-_SOF_MARKERS = (frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}) | {0xF7}  # JPEG, JPEG-LS
-_J2K_SIZ = b"\xff\x4f\xff\x51"  # SOC then SIZ: how a JPEG 2000 codestream starts
-_CODESTREAM_SEARCH_BYTES = 4096  # where SIZ may sit (after a JP2 header)
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,11 @@ def lung_tissue_centre(hu: np.ndarray, patch_px: int, seed_text: str) -> tuple[f
 
     Lung = pixels below -500 HU inside the body (the largest component above -500 HU with its
     holes filled); the centre is drawn, seeded by ``seed_text``, among lung pixels whose
-    surrounding patch is mostly lung or body. Falls back to the image centre.
+    surrounding patch is mostly lung or body.
+
+    Raises:
+        UnusableFileError: :data:`NO_LUNG_REASON` when the slice has no lung pixel (a patch
+            there would show mediastinum or air, all alike): the sample is skipped.
     """
     body = (hu > _BODY_MIN_HU).astype(np.uint8)
     count, components, stats, _ = cv2.connectedComponentsWithStats(body, connectivity=4)
@@ -121,7 +125,7 @@ def lung_tissue_centre(hu: np.ndarray, patch_px: int, seed_text: str) -> tuple[f
             seed = int.from_bytes(hashlib.sha256(seed_text.encode()).digest()[:8], "little")
             pick = int(np.random.default_rng(seed).integers(len(ys)))
             return float(xs[pick]), float(ys[pick])
-    return (cols - 1) / 2, (rows - 1) / 2
+    raise UnusableFileError(NO_LUNG_REASON)
 
 
 def _crop(image: np.ndarray, centre_xy: tuple[float, float], side_px: int,
@@ -146,9 +150,14 @@ def read_hu(path: Path) -> tuple[np.ndarray, bool]:
 
     HU = stored value x (0028,1053) Rescale Slope + (0028,1052) Rescale Intercept (1 and 0
     when absent). Pixels equal to (0028,0120) Pixel Padding Value (or within the range up to
-    (0028,0121) Pixel Padding Range Limit) lie outside the scan and become -1000 HU. The
-    numbers are checked (:func:`lungct.prepare.dicom.pixel_format`) before any pixel is
-    decoded.
+    (0028,0121) Pixel Padding Range Limit) lie outside the scan and become -1000 HU. Lossy
+    data (:func:`lungct.prepare.decoders.is_lossy`: (0028,2110) Lossy Image Compression "01" or
+    a lossy transfer syntax) no longer holds the padding value exactly (lossy JPEG 2000 moves
+    99 % of padding pixels off it, by up to 2000 units), so there every pixel below
+    :data:`LOSSY_AIR_BELOW_HU` (-1500 HU) becomes -1000 HU as well: no tissue lies below air
+    (-1000 HU), so such a pixel is padding or codec ringing at the padding's edge. Padding
+    whose HU is above -1500 is still found only by exact equality. The numbers are checked
+    (:func:`lungct.prepare.dicom.pixel_format`) before any pixel is decoded.
 
     Returns:
         The HU image and whether (0028,0004) Photometric Interpretation is MONOCHROME1
@@ -163,10 +172,11 @@ def read_hu(path: Path) -> tuple[np.ndarray, bool]:
     pixels = pixel_format(ds)
     try:
         stored = _stored_pixels(ds, pixels)
-    except UnusableFileError:
+    except (UnusableFileError, DecodeRefusedError):  # refuse_unreadable keeps the reason
         raise
     except Exception as error:  # decoders raise many types on corrupt data
-        reason = f"pixel data could not be decoded ({type(error).__name__})"
+        reason = (f"{syntax_label(transfer_syntax(ds))} pixel data could not be decoded "
+                  f"({type(error).__name__})")
         raise UnusableFileError(reason) from None
     if stored.shape != (pixels.rows, pixels.columns):
         raise UnusableFileError(f"not a single-frame grayscale image (array shape {stored.shape})")
@@ -177,6 +187,8 @@ def read_hu(path: Path) -> tuple[np.ndarray, bool]:
     if pixels.padding is not None:
         low, high = pixels.padding
         hu[(stored >= low) & (stored <= high)] = AIR_HU
+    if is_lossy(ds, transfer_syntax(ds)):
+        hu[hu < LOSSY_AIR_BELOW_HU] = AIR_HU
     monochrome1 = str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1"
     return hu, monochrome1
 
@@ -186,27 +198,12 @@ def _stored_pixels(ds: pydicom.Dataset, pixels: PixelFormat) -> np.ndarray:
 
     Uncompressed little-endian 16-bit data whose (0028,0101) Bits Stored fills the word, or
     is unsigned, is viewed straight from the buffer (the common CT case, about 2x faster).
-    RLE is decoded here, each segment stopping at its expected length; JPEG and JPEG 2000
-    go to pydicom's decoders (first frame only) once the codestream's own image size matches
-    the header; compressed data longer than :data:`MAX_COMPRESSED_TO_DECODED` x the decoded
-    size (+ :data:`COMPRESSED_SLACK_BYTES`) is refused unread.
+    Compressed data goes to :func:`lungct.prepare.decoders.decode_compressed` (bounded before
+    the codec runs).
     """
     syntax = transfer_syntax(ds)
     if syntax.is_compressed:
-        data, limit = ds.PixelData, MAX_COMPRESSED_TO_DECODED * pixels.n_bytes
-        if len(data) > limit + COMPRESSED_SLACK_BYTES:
-            raise UnusableFileError(
-                f"compressed pixel data of {len(data)} bytes ({syntax.name}) is over "
-                f"{MAX_COMPRESSED_TO_DECODED} x the {pixels.n_bytes} bytes it decodes to")
-        frame = get_frame(data, 0, number_of_frames=1)
-        if syntax == RLELossless:
-            return _decode_rle(frame, pixels)
-        size = _codestream_size(frame)
-        if size != (pixels.rows, pixels.columns):
-            raise UnusableFileError(
-                f"{syntax.name} codestream image size {size or 'not found'} differs from "
-                f"(0028,0010) Rows x (0028,0011) Columns ({pixels.rows}, {pixels.columns})")
-        return get_decoder(syntax).as_array(ds, index=0)[0]
+        return decode_compressed(ds, pixels, syntax)
     if len(ds.PixelData) < pixels.n_bytes:
         raise UnusableFileError("truncated pixel data")
     if not (syntax.is_little_endian and pixels.bits_allocated == 16
@@ -216,64 +213,6 @@ def _stored_pixels(ds: pydicom.Dataset, pixels: PixelFormat) -> np.ndarray:
     count = pixels.rows * pixels.columns
     return np.frombuffer(ds.PixelData, dtype=dtype, count=count).reshape(pixels.rows,
                                                                          pixels.columns)
-
-
-def _codestream_size(frame: bytes) -> tuple[int, int] | None:
-    """(rows, columns) a JPEG SOFn or JPEG 2000 SIZ segment declares; None when not found."""
-    number = lambda at: int.from_bytes(frame[at : at + 2], "big")  # noqa: E731
-    if frame[:2] == b"\xff\xd8":  # JPEG: SOI, then marker segments up to SOFn (Lf P Y X)
-        position = 2
-        while position + 9 <= len(frame) and frame[position] == 0xFF:
-            marker = frame[position + 1]
-            if marker in _SOF_MARKERS:
-                return number(position + 5), number(position + 7)
-            position += 1 if marker == 0xFF else 2 + number(position + 2)
-        return None
-    at = frame.find(_J2K_SIZ, 0, _CODESTREAM_SEARCH_BYTES)
-    if at < 0 or len(frame) < at + 24:
-        return None
-    # SIZ: Lsiz Rsiz (2 bytes each), then Xsiz Ysiz XOsiz YOsiz (4 bytes each)
-    x, y, x0, y0 = (int.from_bytes(frame[at + i : at + i + 4], "big") for i in (8, 12, 16, 20))
-    return y - y0, x - x0
-
-
-def _rle_segment(data: bytes, size: int) -> bytes:
-    """One PackBits segment (PS3.5 G.3.1) decoded to ``size`` bytes and never further."""
-    out, position = bytearray(), 0
-    while len(out) < size and position < len(data):
-        header = data[position]
-        if header < 128:  # copy the next header + 1 bytes
-            out += data[position + 1 : position + header + 2]
-            position += header + 2
-        elif header > 128:  # repeat the next byte 257 - header times
-            out += data[position + 1 : position + 2] * (257 - header)
-            position += 2
-        else:
-            position += 1
-    if len(out) < size:
-        raise UnusableFileError(f"RLE segment decodes to {len(out)} of {size} bytes")
-    return bytes(out[:size])
-
-
-def _decode_rle(frame: bytes, pixels: PixelFormat) -> np.ndarray:
-    """RLE Lossless (PS3.5 Annex G): one segment per byte of a sample, most significant first.
-
-    Equal to pydicom's RLE decoder on valid data (no sign extension of unused high bits), but
-    each segment stops at the bytes the header implies, so a segment of runs repeating 128
-    bytes cannot expand 64-fold, and the loop never outlasts the (capped) compressed length.
-    """
-    n_pixels, n_segments = pixels.rows * pixels.columns, pixels.bits_allocated // 8
-    header = [int.from_bytes(frame[i : i + 4], "little") for i in range(0, 64, 4)]
-    offsets = [*header[1 : 1 + n_segments], len(frame)]
-    if len(frame) < 64 or header[0] != n_segments or any(
-            not 64 <= start <= end for start, end in zip(offsets, offsets[1:], strict=False)):
-        raise UnusableFileError(f"RLE header does not describe {n_segments} segments of "
-                                f"{n_pixels} bytes")
-    planes = [np.frombuffer(_rle_segment(frame[start:end], n_pixels), dtype=np.uint8)
-              for start, end in zip(offsets, offsets[1:], strict=False)]
-    dtype = f"<{'i' if pixels.signed else 'u'}{n_segments}"
-    little_endian = np.stack(planes[::-1], axis=-1).reshape(-1)
-    return little_endian.view(dtype).reshape(pixels.rows, pixels.columns)
 
 
 def apply_window(hu: np.ndarray, center_hu: float, width_hu: float) -> np.ndarray:
@@ -313,7 +252,8 @@ def render(candidate: Candidate, settings: RenderSettings) -> Rendered:
 
     Raises:
         lungct.prepare.dicom.UnusableFileError: its pixels cannot be read, or its patch would
-            be wider than :data:`MAX_PATCH_SIDE_PX`.
+            be wider than :data:`MAX_PATCH_SIDE_PX`, or a patch without a centre (a
+            ``no_finding`` sample) finds no lung tissue (:data:`NO_LUNG_REASON`).
     """
     if candidate.source_path.suffix.lower() in IMAGE_SUFFIXES:
         return _render_image_file(candidate, settings)
@@ -362,7 +302,7 @@ def _image_file_shape(data: bytes) -> tuple[int, int] | None:
             width = 2 if kind == 3 else 4  # SHORT or LONG
             sizes[tag] = int.from_bytes(data[entry + 8 : entry + 8 + width], order)
         return (sizes[257], sizes[256]) if {256, 257} <= sizes.keys() else None
-    return _codestream_size(data)  # JPEG: SOFn
+    return codestream_size(data)  # JPEG: SOFn
 
 
 def _render_image_file(candidate: Candidate, settings: RenderSettings) -> Rendered:
