@@ -72,6 +72,7 @@ bench: setup
 	$(PY) benchmarks/bench_gradcam.py --output benchmarks/out/gradcam.json
 	$(PY) benchmarks/bench_metrics.py --units 150 --out benchmarks/out/metrics_150.json -q
 	$(PY) benchmarks/bench_metrics.py --units 1000 --out benchmarks/out/metrics_1000.json -q
+	$(PY) benchmarks/bench_decode.py --out benchmarks/out/decode.json
 
 clean:
 	rm -rf build dist lungct.egg-info
