@@ -78,9 +78,11 @@ IMAGE_CHANNELS = 1
 MANIFEST_COLUMNS = (
     "path", "label", "class_name", "split", "patient_id", "series_uid", "slice_z_mm",
     "nodule_id", "malignancy", "n_readers", "diameter_mm", "negative_kind", "mm_per_px",
-    "mask_path", "source_file", "schema_version",
+    "mask_path", "source_file", "manufacturer", "convolution_kernel", "slice_thickness_mm",
+    "lossy", "schema_version",
 )
-NUMERIC_COLUMNS = ("slice_z_mm", "malignancy", "n_readers", "diameter_mm", "mm_per_px")
+NUMERIC_COLUMNS = ("slice_z_mm", "malignancy", "n_readers", "diameter_mm", "mm_per_px",
+                   "slice_thickness_mm")
 #: Grad-CAM methods (report.json ``gradcam.method``) and how the report names them.
 CAM_METHODS = {
     "gradcam": "Grad-CAM (Selvaraju et al. 2017)",
@@ -168,6 +170,9 @@ def _check_manifest(manifest: pd.DataFrame, where: Path) -> None:
     bad_labels = sorted(set(manifest["label"]) - {"0", "1"})
     if bad_labels:
         raise UserError(f"{where} has labels {bad_labels}; only 0 and 1 are allowed.")
+    bad_lossy = sorted(set(manifest["lossy"]) - {"", "0", "1"})
+    if bad_lossy:
+        raise UserError(f"{where} has lossy values {bad_lossy[:3]}; only 0, 1 or empty.")
     bad_splits = sorted(set(manifest["split"]) - set(SPLITS))
     if bad_splits:
         raise UserError(f"{where} has splits {bad_splits}; only {list(SPLITS)} are allowed.")

@@ -139,3 +139,23 @@ def test_weakness_rejects_bad_threshold(scored_frame):
     """A threshold outside [0, 1] is a ValueError naming it."""
     with pytest.raises(ValueError, match=r"threshold must lie in \[0, 1\], got 2"):
         analyse_weaknesses(scored_frame, 2)
+
+
+def test_weakness_groups_errors_by_scanner() -> None:
+    """Errors are broken down by manufacturer, kernel and slice thickness when recorded."""
+    frame = pd.DataFrame({
+        "path": [f"s{i}.png" for i in range(4)], "patient_id": ["A", "A", "B", "B"],
+        "y_true": [1, 1, 1, 0], "y_prob": [0.9, 0.1, 0.2, 0.8],
+        "negative_kind": ["", "", "", "no_finding"], "diameter_mm": [np.nan] * 4,
+        "malignancy": [np.nan] * 4, "n_readers": [np.nan] * 4,
+        "manufacturer": ["GE", "GE", "SIEMENS", "SIEMENS"],
+        "convolution_kernel": ["STANDARD", "STANDARD", "B30f", "B30f"],
+        "slice_thickness_mm": [1.25, 1.25, 2.5, 2.5]})
+    weak = analyse_weaknesses(frame, 0.5)
+    by_maker = {row["group"]: (row["errors"], row["n"])
+                for row in weak["false_negatives_by"]["manufacturer"]}
+    assert by_maker == {"GE": (1, 2), "SIEMENS": (1, 1)}
+    assert [r["group"] for r in weak["false_negatives_by"]["slice_thickness_mm"]] == [
+        "1.25", "2.5"]
+    assert weak["false_positives_by"]["convolution_kernel"] == [
+        {"group": "B30f", "n": 1, "errors": 1, "rate": 1.0}]

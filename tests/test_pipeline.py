@@ -29,6 +29,9 @@ def test_prepare_writes_what_the_contract_reads(pipeline: dict[str, Path]) -> No
     assert set(rule["nodules_single_reader"]) == set(rule["nodules"])
     assert all(0 <= rule["nodules_single_reader"][k] <= n for k, n in rule["nodules"].items())
     assert rule["clustering"].startswith("marks of different readers linked")
+    assert info["series"] == {"series": 12, "with_z_gaps": 0, "z_gaps": 0}
+    assert set(manifest["lossy"]) == {"0"}
+    assert (manifest["slice_thickness_mm"] > 0).all()
     assert info["n_images"] == len(manifest)
     assert set(manifest["split"]) == set(contract.SPLITS)
     assert set(manifest["label"]) == {0, 1}

@@ -7,10 +7,12 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
 from lungct.prepare import decoders, dicom, render
+from lungct.prepare.series import assemble_series
 
 
 def test_apply_window_dicom_linear_function():
@@ -136,7 +138,7 @@ def test_assemble_series_sorts_and_drops_duplicate_z(ct_slice):
         ct_slice("b2.dcm", hu, 0.0, instance_number=7),
         ct_slice("b1.dcm", hu, 0.0, instance_number=2),
     ]
-    series, dropped = dicom.assemble_series(dicom.read_header(p) for p in paths)
+    series, dropped = assemble_series(dicom.read_header(p) for p in paths)
     assert len(series) == 1
     assert [s.instance_number for s in series[0].slices] == [1, 2, 3]
     assert series[0].z_mm.tolist() == [-5.0, 0.0, 5.0]
@@ -222,8 +224,8 @@ def test_header_records_lossy_and_series_warns_once(ct_slice, caplog):
         ds.save_as(path)
     headers = [dicom.read_header(path) for path in paths]
     assert [h.lossy for h in headers] == [True, True, False]
-    with caplog.at_level("WARNING", logger="lungct.prepare.dicom"):
-        dicom.assemble_series(headers)
+    with caplog.at_level("WARNING", logger="lungct.prepare.series"):
+        assemble_series(headers)
     assert [r.getMessage() for r in caplog.records] == [
         f"series {headers[0].series_uid}: 2 of 3 slices lossy-compressed; padding taken as HU "
         "below -1500"]
@@ -285,3 +287,48 @@ def test_no_finding_patch_without_lung_is_skipped(ct_slice):
     centred = Candidate(path, path.name, "P", 0, "", series_uid="1.2", slice_z_mm=0.0,
                         pixel_spacing_mm=0.7, centre_xy_px=(16.0, 16.0))
     assert render.render(centred, settings).image.shape == (16, 16)
+
+
+def test_non_axial_slice_is_skipped_with_its_tilt(ct_slice):
+    """A coronal reformat or a gantry tilt beyond 5 degrees is not an axial slice."""
+    path = ct_slice("coronal.dcm", np.zeros((16, 16)))
+    ds = pydicom.dcmread(path)
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]
+    ds.save_as(path)
+    with pytest.raises(dicom.UnusableFileError, match=r"non-axial slice \(\(0020,0037\) Image "
+                       r"Orientation \(Patient\) normal 90.0 deg from the z axis; at most 5\)"):
+        dicom.read_header(path)
+    tilt = np.radians(3.0)
+    ds.ImageOrientationPatient = [1, 0, 0, 0, float(np.cos(tilt)), float(np.sin(tilt))]
+    ds.save_as(path)
+    assert dicom.read_header(path).rows == 16
+
+
+def test_burned_in_annotation_is_skipped(ct_slice):
+    """(0028,0301) Burned In Annotation YES: text in the pixels, never a sample."""
+    path = ct_slice("burned.dcm", np.zeros((16, 16)))
+    ds = pydicom.dcmread(path)
+    ds.BurnedInAnnotation = "YES"
+    ds.save_as(path)
+    with pytest.raises(dicom.UnusableFileError, match="burned-in annotation"):
+        dicom.read_header(path)
+
+
+def test_acquisition_fields_are_read(ct_slice):
+    """Manufacturer and convolution kernel (multi-valued joined by /) reach the header."""
+    path = ct_slice("scanner.dcm", np.zeros((16, 16)))
+    ds = pydicom.dcmread(path)
+    ds.Manufacturer = "GE MEDICAL SYSTEMS"
+    ds.ConvolutionKernel = ["B30f", "SHARP"]
+    ds.save_as(path)
+    header = dicom.read_header(path)
+    assert (header.manufacturer, header.convolution_kernel) == ("GE MEDICAL SYSTEMS", "B30f/SHARP")
+    assert header.slice_thickness_mm == 2.5
+
+
+def test_missing_slices_are_counted_as_z_gaps(ct_slice):
+    """A step in z above 1.5 x the median step is a gap; the series is kept."""
+    hu = np.zeros((16, 16))
+    paths = [ct_slice(f"z{z}.dcm", hu, float(z)) for z in (0.0, 2.5, 5.0, 10.0, 12.5)]
+    series, dropped = assemble_series(dicom.read_header(p) for p in paths)
+    assert not dropped and series[0].z_gaps == 1

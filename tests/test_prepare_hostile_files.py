@@ -58,9 +58,10 @@ from pydicom.uid import (
 import prepare_lung_dataset
 from lungct.prepare import dicom, nodules, render
 from lungct.prepare.candidates import IMAGE_SUFFIXES, Candidate, lidc_candidates
-from lungct.prepare.dicom import Series, SliceHeader
+from lungct.prepare.dicom import SliceHeader
 from lungct.prepare.lidc import LabelRule
 from lungct.prepare.lidc_xml import LidcParseError, parse_readings
+from lungct.prepare.series import Series
 from lungct.synthetic.cohort import generate_cohort
 
 REPO = Path(__file__).resolve().parents[1]

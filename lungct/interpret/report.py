@@ -195,6 +195,14 @@ def _single_readers(label_rule: dict | None) -> str:
             f"{html.escape(str(label_rule.get('min_readers')))}): {parts}.</p>")
 
 
+def _z_gaps(series: dict | None) -> str:
+    """One sentence: CT series with missing slices (gaps in z)."""
+    if not isinstance(series, dict) or not series.get("series"):
+        return ""
+    return (f"<p>CT series: {series['series']}; with missing slices (gaps in z): "
+            f"{series.get('with_z_gaps', 0)} ({series.get('z_gaps', 0)} gaps).</p>")
+
+
 def _provenance(data: dict) -> str:
     splits = [[s, v["patients"], v["images"], v["cancer"], v["non_cancer"]]
               for s, v in sorted(data["splits"].items())]
@@ -207,7 +215,7 @@ def _provenance(data: dict) -> str:
         f"; image size {html.escape(str(data['image_size']))} px; preset "
         f"{html.escape(str(data['preset']))}.</p>"
         f"<p>Label rule (exclusions as recorded by prepare): <code>{html.escape(label_rule)}"
-        "</code></p>" + _single_readers(data["label_rule"])
+        "</code></p>" + _single_readers(data["label_rule"]) + _z_gaps(data.get("series"))
         + _table(["split", "patients", "images", "cancer", "non_cancer"], splits)
         + f"<p>Split level: {data['split_level']}; patients found in more than one split: "
         f"{data['patients_in_more_than_one_split']}.</p>"

@@ -11,12 +11,14 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-__all__ = ["DIAMETER_BINS_MM", "OUTCOMES", "error_table", "analyse_weaknesses",
-           "confident_examples", "failure_cases"]
+__all__ = ["ACQUISITION_FACTORS", "DIAMETER_BINS_MM", "OUTCOMES", "error_table",
+           "analyse_weaknesses", "confident_examples", "failure_cases"]
 
 DIAMETER_BINS_MM = (0.0, 6.0, 10.0, 20.0, np.inf)
 TOP_PATIENTS = 5
 EXAMPLES_PER_OUTCOME = 3
+#: How the scans were made: where models trained on one scanner fail on another.
+ACQUISITION_FACTORS = ("manufacturer", "convolution_kernel", "slice_thickness_mm")
 OUTCOMES = ("true_positive", "false_positive", "false_negative", "true_negative")
 
 
@@ -37,7 +39,7 @@ def _groups(frame: pd.DataFrame, factor: str) -> pd.Series:
     """Group label of each row for ``factor``; ``unknown`` where the manifest is empty."""
     if factor == "diameter_mm":
         groups = _diameter_group(frame["diameter_mm"])
-    elif factor in ("malignancy", "n_readers"):
+    elif factor in ("malignancy", "n_readers", "slice_thickness_mm"):
         groups = frame[factor].map(lambda v: f"{v:g}" if np.isfinite(v) else "nan")
     else:
         groups = frame[factor].astype(str)
@@ -157,8 +159,11 @@ def analyse_weaknesses(frame: pd.DataFrame, threshold: float) -> dict:
              "non_cancer (false-positive rate)": _rate(negatives["error"])}
     for kind, rows in negatives.groupby("negative_kind"):
         rates[f"{kind or 'unknown'} (false-positive rate)"] = _rate(rows["error"])
-    fn_by = {f: error_table(cancers, f) for f in ("diameter_mm", "malignancy", "n_readers")}
+    acquisition = [f for f in ACQUISITION_FACTORS if f in frame]
+    fn_by = {f: error_table(cancers, f) for f in ("diameter_mm", "malignancy", "n_readers",
+                                                  *acquisition)}
     fp_by = {"negative_kind": error_table(negatives, "negative_kind"),
+             **{f: error_table(negatives, f) for f in acquisition},
              **{f"benign_nodule {f}": error_table(benign, f)
                 for f in ("diameter_mm", "malignancy", "n_readers")}}
     patients = _patients_with_most_errors(frame)

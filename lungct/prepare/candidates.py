@@ -21,9 +21,9 @@ import pandas as pd
 
 from lungct.errors import UserError
 from lungct.prepare import lidc
-from lungct.prepare.dicom import Series
 from lungct.prepare.lidc_xml import Readings
 from lungct.prepare.nodules import Nodule, cluster_nodules
+from lungct.prepare.series import Series
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -117,6 +117,10 @@ class Candidate:
     n_readers: int | None = None
     diameter_mm: float | None = None
     pixel_spacing_mm: float | None = None
+    slice_thickness_mm: float | None = None  # (0018,0050)
+    manufacturer: str = ""  # (0008,0070)
+    convolution_kernel: str = ""  # (0018,1210)
+    lossy: bool | None = None  # (0028,2110) or a lossy transfer syntax; None: not DICOM
     mask: MaskCrop | None = field(default=None, compare=False)
     centre_xy_px: tuple[float, float] | None = None  # patch centre; None = choose in lung tissue
 
@@ -197,6 +201,10 @@ def lidc_candidates(
             series_uid=series.series_uid,
             slice_z_mm=header.z_mm,
             pixel_spacing_mm=header.pixel_spacing_mm,
+            slice_thickness_mm=header.slice_thickness_mm,
+            manufacturer=header.manufacturer,
+            convolution_kernel=header.convolution_kernel,
+            lossy=header.lossy,
         )
         labelled = [(n, m, lab) for n, m, lab in entries if lab is not None]
         if not entries:

@@ -18,7 +18,6 @@ import logging
 import math
 import os
 import zlib
-from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,9 +38,9 @@ __all__ = [
     "ALLOWED_BITS_ALLOCATED", "MAX_SLICE_BYTES", "MAX_FILE_BYTES", "MIN_PIXEL_SPACING_MM",
     "MAX_PIXEL_SPACING_MM", "MAX_ABS_POSITION_MM", "MIN_SLICE_THICKNESS_MM",
     "MAX_SLICE_THICKNESS_MM", "MIN_ABS_RESCALE_SLOPE", "MAX_ABS_RESCALE_SLOPE",
-    "MAX_ABS_RESCALE_INTERCEPT_HU", "HEADER_RULES", "SliceHeader", "Series",
+    "MAX_ABS_RESCALE_INTERCEPT_HU", "MAX_TILT_DEG", "HEADER_RULES", "SliceHeader",
     "UnusableFileError", "refuse_unreadable", "read_dataset", "transfer_syntax", "pixel_format",
-    "read_header", "assemble_series", "parse_window",
+    "read_header", "parse_window",
 ]
 
 LOG = logging.getLogger(__name__)
@@ -71,7 +70,9 @@ MAX_ABS_RESCALE_INTERCEPT_HU = 1e5  # HU (CT writes -1024, -1000 or 0)
 _DEFER_BYTES = 1024
 _SNIFF_BYTES = 4096
 _INFLATE_CHUNK_BYTES = 1 << 20
+MAX_TILT_DEG = 5.0  # slice normal vs the patient z axis: beyond it a reformat or tilted gantry
 _SHOWN_CHARS = 40
+_TEXT_CHARS = 64  # (0008,0070) Manufacturer and (0018,1210) Convolution Kernel are LO/SH
 _UNREADABLE = object()  # stands for a value pydicom cannot convert
 # (0002,0010) Transfer Syntax UID = Deflated Explicit VR Little Endian, as the meta holds it.
 _DEFLATED_ELEMENT = b"\x02\x00\x10\x00UI\x16\x00" + DeflatedExplicitVRLittleEndian.encode()
@@ -108,16 +109,20 @@ HEADER_RULES: dict[str, tuple[int, Callable[[float], bool], str]] = {
     "SliceThickness": (1, lambda v: MIN_SLICE_THICKNESS_MM <= v <= MAX_SLICE_THICKNESS_MM,
                        f"{MIN_SLICE_THICKNESS_MM:g}-{MAX_SLICE_THICKNESS_MM:g} mm"),
     "InstanceNumber": (1, _integer(-(2**31), 2**31 - 1), "an integer"),
+    "ImageOrientationPatient": (6, lambda v: abs(v) <= 1.0 + 1e-3,
+                                "6 direction cosines within [-1, 1]"),
 }
 _PIXEL_KEYWORDS = ("Rows", "Columns", "BitsAllocated", "BitsStored", "PixelRepresentation",
                    "SamplesPerPixel", "NumberOfFrames", "RescaleSlope", "RescaleIntercept",
                    "PixelPaddingValue", "PixelPaddingRangeLimit")
-_GEOMETRY_KEYWORDS = ("ImagePositionPatient", "PixelSpacing", "SliceThickness", "InstanceNumber")
+_GEOMETRY_KEYWORDS = ("ImagePositionPatient", "PixelSpacing", "SliceThickness", "InstanceNumber",
+                      "ImageOrientationPatient")
 _REQUIRED = frozenset({"Rows", "Columns", "BitsAllocated", "ImagePositionPatient",
                        "PixelSpacing"})
 #: The only attributes indexing parses (pixel data stays on disk, deferred).
 HEADER_TAGS = ("Modality", "SOPClassUID", "ImageType", "SeriesInstanceUID", "StudyInstanceUID",
                "SOPInstanceUID", "PatientID", "PixelData", "LossyImageCompression",
+               "Manufacturer", "ConvolutionKernel", "BurnedInAnnotation",
                *_PIXEL_KEYWORDS, *_GEOMETRY_KEYWORDS)
 
 
@@ -163,32 +168,8 @@ class SliceHeader:
     pixel_spacing_mm: float
     slice_thickness_mm: float | None
     lossy: bool = False  # (0028,2110) Lossy Image Compression 01 or a lossy syntax (decoders)
-
-
-@dataclass(frozen=True)
-class Series:
-    """The slices of one CT series, sorted by z, one slice per z position."""
-
-    series_uid: str
-    patient_id: str
-    slices: tuple[SliceHeader, ...]
-
-    @property
-    def z_mm(self) -> np.ndarray:
-        """z of every slice (mm), ascending."""
-        return np.array([s.z_mm for s in self.slices], dtype=np.float64)
-
-    @property
-    def pixel_spacing_mm(self) -> float:
-        """In-plane spacing of the first slice (mm per pixel)."""
-        return self.slices[0].pixel_spacing_mm
-
-    @property
-    def slice_spacing_mm(self) -> float:
-        """Median z gap between neighbouring slices, or the SliceThickness of a 1-slice series."""
-        if len(self.slices) > 1:
-            return float(np.median(np.diff(self.z_mm)))
-        return self.slices[0].slice_thickness_mm or 1.0
+    manufacturer: str = ""  # (0008,0070)
+    convolution_kernel: str = ""  # (0018,1210), values joined by "/"
 
 
 def _label(keyword: str) -> str:
@@ -361,6 +342,9 @@ def read_header(path: Path) -> SliceHeader:
         raise UnusableFileError(f"missing {_label('SeriesInstanceUID')}")
     syntax = transfer_syntax(ds)
     check_pixel_data(ds, path, pixels, syntax)
+    _check_axial(geometry["ImageOrientationPatient"])
+    if str(ds.get("BurnedInAnnotation", "")).strip().upper() == "YES":
+        raise UnusableFileError("burned-in annotation ((0028,0301) Burned In Annotation YES)")
     thickness, instance = geometry["SliceThickness"], geometry["InstanceNumber"]
     return SliceHeader(
         path=path, patient_id=str(ds.get("PatientID", "")).strip(),
@@ -368,43 +352,38 @@ def read_header(path: Path) -> SliceHeader:
         sop_uid=str(ds.get("SOPInstanceUID", "")), z_mm=geometry["ImagePositionPatient"][2],
         instance_number=int(instance[0]) if instance else 0, rows=pixels.rows,
         columns=pixels.columns, pixel_spacing_mm=float(np.mean(geometry["PixelSpacing"])),
-        slice_thickness_mm=thickness[0] if thickness else None, lossy=is_lossy(ds, syntax))
+        slice_thickness_mm=thickness[0] if thickness else None, lossy=is_lossy(ds, syntax),
+        manufacturer=_text(ds, "Manufacturer"), convolution_kernel=_text(ds, "ConvolutionKernel"))
 
 
-def assemble_series(
-    headers: Iterable[SliceHeader],
-) -> tuple[list[Series], list[tuple[Path, str]]]:
-    """Group slices by (0020,000E) Series Instance UID, sort by z, drop duplicate z positions.
+def _text(ds: pydicom.Dataset, keyword: str) -> str:
+    """A short text attribute, multi-valued joined by "/", cut to 64 characters."""
+    try:
+        value = ds.get(keyword, "")
+    except Exception:  # noqa: BLE001 - an unreadable free-text value is simply unknown
+        return ""
+    parts = value if isinstance(value, (list, MultiValue)) else [value]
+    return "/".join(str(part).strip() for part in parts)[:_TEXT_CHARS]
 
-    Of two slices at the same z the one with the lower (0020,0013) Instance Number is kept
-    (docs/lidc_format.md). Slices whose size differs from the series' first slice are dropped.
 
-    Returns:
-        The series sorted by UID, and ``(path, reason)`` for every dropped slice.
+def _check_axial(orientation: tuple[float, ...] | None) -> None:
+    """Refuse a slice whose plane is not axial within :data:`MAX_TILT_DEG`.
+
+    The slice normal is the cross product of the row and column direction cosines of
+    (0020,0037) Image Orientation (Patient) (PS3.3 C.7.6.2.1.1); an absent attribute is taken
+    as axial.
     """
-    groups: dict[str, list[SliceHeader]] = defaultdict(list)
-    for header in headers:
-        groups[header.series_uid].append(header)
-    series: list[Series] = []
-    dropped: list[tuple[Path, str]] = []
-    for uid in sorted(groups):
-        ordered = sorted(groups[uid], key=lambda h: (h.z_mm, h.instance_number, str(h.path)))
-        kept: list[SliceHeader] = []
-        for header in ordered:
-            if kept and abs(header.z_mm - kept[-1].z_mm) < 1e-3:
-                dropped.append(
-                    (header.path, f"duplicate slice position z={header.z_mm:g} mm "
-                                  f"(kept InstanceNumber {kept[-1].instance_number})")
-                )
-            elif (header.rows, header.columns) != (ordered[0].rows, ordered[0].columns):
-                dropped.append((header.path, "slice size differs from the rest of its series"))
-            else:
-                kept.append(header)
-        series.append(Series(uid, kept[0].patient_id, tuple(kept)))
-        if lossy := sum(header.lossy for header in kept):
-            LOG.warning("series %s: %d of %d slices lossy-compressed; padding taken as HU "
-                        "below -1500", uid, lossy, len(kept))
-    return series, dropped
+    if orientation is None:
+        return
+    normal = np.cross(orientation[:3], orientation[3:])
+    length = float(np.linalg.norm(normal))
+    if length < 0.5:
+        raise UnusableFileError(f"invalid {_label('ImageOrientationPatient')}: row and column "
+                                "directions are not orthogonal unit vectors")
+    tilt_deg = math.degrees(math.acos(min(1.0, abs(float(normal[2])) / length)))
+    if tilt_deg > MAX_TILT_DEG:
+        raise UnusableFileError(f"non-axial slice ({_label('ImageOrientationPatient')} normal "
+                                f"{tilt_deg:.1f} deg from the z axis; at most {MAX_TILT_DEG:g})")
 
 
 def parse_window(text: str) -> tuple[float, float]:

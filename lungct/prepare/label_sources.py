@@ -34,6 +34,7 @@ from lungct.prepare.lidc_xml import (
     is_lidc_readings_file,
     parse_readings,
 )
+from lungct.prepare.series import assemble_series
 
 if TYPE_CHECKING:
     from lungct.prepare.config import PrepareConfig
@@ -54,7 +55,8 @@ def _header_or_reason(path: Path) -> dicom.SliceHeader | str:
 class Found:
     """Candidates, reasons for files that are not, the label source, nodule outcomes, the
     PatientID (0010,0020) of every DICOM header read (for pseudonyms of patients without
-    samples too), and per outcome the nodules that rest on a single reader's mark."""
+    samples too), per outcome the nodules that rest on a single reader's mark, and the CT
+    series assembled with how many have missing slices (gaps in z)."""
 
     candidates: list[Candidate]
     skipped: dict[Path, str]
@@ -62,6 +64,7 @@ class Found:
     outcomes: dict[str, int] = field(default_factory=dict)
     patient_ids: frozenset[str] = frozenset()
     single_reader: dict[str, int] = field(default_factory=dict)
+    series: dict[str, int] = field(default_factory=dict)
 
 
 def _index_dicom(files: list[Path], workers: int, skipped: dict[Path, str]) -> list:
@@ -93,7 +96,7 @@ def _from_lidc(config: PrepareConfig, root: Path, files: list[Path], xml_files: 
             readings_by_series[readings.series_uid] = readings
     xml_set = set(xml_files)
     headers = _index_dicom([f for f in files if f not in xml_set], config.workers, skipped)
-    series_list, dropped = dicom.assemble_series(headers)
+    series_list, dropped = assemble_series(headers)
     skipped.update(dict(dropped))
     candidates: list[Candidate] = []
     outcomes: Counter[str] = Counter()
@@ -117,7 +120,10 @@ def _from_lidc(config: PrepareConfig, root: Path, files: list[Path], xml_files: 
             skipped[readings.path] = "readings for a series that is not in the input"
     return Found(candidates, skipped, "lidc_xml", dict(sorted(outcomes.items())),
                  frozenset(h.patient_id for h in headers),
-                 {outcome: single_reader[outcome] for outcome in sorted(outcomes)})
+                 {outcome: single_reader[outcome] for outcome in sorted(outcomes)},
+                 {"series": len(series_list),
+                  "with_z_gaps": sum(s.z_gaps > 0 for s in series_list),
+                  "z_gaps": sum(s.z_gaps for s in series_list)})
 
 
 def _patient_finder(config: PrepareConfig, root: Path) -> Callable[[Path], str | None]:

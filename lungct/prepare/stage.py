@@ -91,6 +91,9 @@ def _render_and_write(job: tuple[str, Candidate, RenderSettings, Path]) -> dict 
         "diameter_mm": fmt(candidate.diameter_mm, ".1f"),
         "negative_kind": candidate.negative_kind, "mm_per_px": fmt(rendered.mm_per_px, ".4f"),
         "mask_path": mask_rel, "source_file": candidate.source_file,
+        "manufacturer": candidate.manufacturer, "convolution_kernel": candidate.convolution_kernel,
+        "slice_thickness_mm": fmt(candidate.slice_thickness_mm, "g"),
+        "lossy": "" if candidate.lossy is None else int(candidate.lossy),
     }
 
 
@@ -290,6 +293,7 @@ def _describe(config: PrepareConfig, source: sources.ResolvedSource, found: Foun
                        "nodules_single_reader": found.single_reader,
                        "clustering": CLUSTERING_RULE}
         if found.label_source == "lidc_xml" else None,
+        "series": found.series or None,
         "negative_margin_mm": config.negative_margin_mm,
         "window": {"center_hu": settings.window_center_hu, "width_hu": settings.window_width_hu},
         "image_size": config.image_size_px,
