@@ -34,6 +34,7 @@ from pydicom.uid import (
 from lungct.prepare import dicom, render
 from lungct.prepare.candidates import Candidate
 
+HTJ2K_LOSSLESS = "1.2.840.10008.1.2.4.201"
 PADDING = -2000  # stored; outside the synthetic scanner's circular field of view
 SLICE = render.RenderSettings(128, -600.0, 1500.0, "slice", 64.0)
 PATCH = render.RenderSettings(64, -600.0, 1500.0, "patch", 64.0)
@@ -217,3 +218,18 @@ def test_undecodable_codestream_names_the_syntax(tmp_path, plain):
             r"^JPEG-LS Lossless Image Compression \(1\.2\.840\.10008\.1\.2\.4\.80\) pixel data "
             r"could not be decoded \(\w+\)$")):
         render.read_hu(path)
+
+
+def test_htj2k_syntax_decodes_a_part_1_codestream(tmp_path, plain):
+    """HTJ2K Lossless (1.2.840.10008.1.2.4.201) goes through the JPEG 2000 decoder and checks.
+
+    No encoder here writes HT block coding, so this tests the dispatch and the bounds with a
+    Part 1 codestream (which HTJ2K decoders also read); the HT block decoder itself is
+    pylibjpeg-openjpeg's and untested here.
+    """
+    path = transcode(plain, JPEG2000Lossless, tmp_path / "t")
+    ds = pydicom.dcmread(path)
+    ds.file_meta.TransferSyntaxUID = HTJ2K_LOSSLESS
+    ds.save_as(path)
+    hu, _ = render.read_hu(path)
+    np.testing.assert_array_equal(hu, render.read_hu(plain)[0])
