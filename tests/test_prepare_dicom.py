@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import shutil
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -332,3 +333,27 @@ def test_missing_slices_are_counted_as_z_gaps(ct_slice):
     paths = [ct_slice(f"z{z}.dcm", hu, float(z)) for z in (0.0, 2.5, 5.0, 10.0, 12.5)]
     series, dropped = assemble_series(dicom.read_header(p) for p in paths)
     assert not dropped and series[0].z_gaps == 1
+
+
+def test_unreadable_lossy_flag_counts_as_lossy():
+    """(0028,2110) that cannot be converted: lossy, the safe side, not silently plain."""
+    class Unreadable(pydicom.Dataset):
+        def get(self, *args, **kwargs):
+            raise ValueError("bad CS value")
+
+    assert decoders.is_lossy(Unreadable(), pydicom.uid.ExplicitVRLittleEndian) is True
+
+
+def test_unparseable_file_meta_is_refused_not_passed_on(tmp_path, monkeypatch):
+    """A meta without a group length that pydicom cannot parse alone is refused: it could
+    hide a deflated data set that dcmread would inflate without bound."""
+    path = tmp_path / "meta.dcm"
+    path.write_bytes(b"\0" * 128 + b"DICM" + b"\x02\x00\x10\x00UI\x04\x001.2\0" + b"x" * 64)
+
+    def broken(_path):
+        raise struct.error("unpack requires a buffer")
+
+    monkeypatch.setattr(dicom, "read_file_meta_info", broken)
+    with pytest.raises(dicom.UnusableFileError,
+                       match=r"unreadable file meta information \(error\)"):
+        dicom.read_header(path)

@@ -104,11 +104,12 @@ def decoder_available(syntax: UID) -> bool:
 
 def is_lossy(ds: pydicom.Dataset, syntax: UID) -> bool:
     """(0028,2110) Lossy Image Compression "01", or a :data:`LOSSY_SYNTAXES` member unless
-    that attribute says "00" (an unreadable value counts as absent)."""
+    that attribute says "00". An unreadable value counts as lossy: the tolerant padding rule
+    and the manifest's flag are the safe side when the header cannot say."""
     try:
         flag = str(ds.get("LossyImageCompression") or "").strip()
-    except Exception:
-        flag = ""
+    except Exception:  # noqa: BLE001 - pydicom raises many types converting a bad value
+        return True
     return flag == "01" or (flag != "00" and syntax in LOSSY_SYNTAXES)
 
 

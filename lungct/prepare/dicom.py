@@ -189,7 +189,7 @@ def _checked(ds: pydicom.Dataset, keywords: Iterable[str]) -> dict[str, tuple[fl
     for keyword in keywords:
         try:  # pydicom converts a value on first access, raising many types on bad ones
             value = ds.get(keyword)
-        except Exception:
+        except Exception:  # noqa: BLE001 - not hidden: the sentinel is refused just below
             value = _UNREADABLE
         if value is None or (isinstance(value, (str, bytes)) and not value.strip()):
             if keyword in _REQUIRED:
@@ -265,8 +265,11 @@ def _check_deflated(path: Path) -> None:
     else:  # an unusual or long meta: pydicom parses group 0002 alone
         try:
             syntax = read_file_meta_info(path).get("TransferSyntaxUID")
-        except Exception:
-            return  # dcmread refuses it with its own reason
+        except Exception as error:  # noqa: BLE001 - pydicom raises many types on bad meta
+            # Refused here rather than left to dcmread: a meta that cannot be parsed alone
+            # could hide a deflated data set, which dcmread would inflate without bound.
+            raise UnusableFileError(f"unreadable file meta information "
+                                    f"({type(error).__name__})") from None
         deflated = syntax == DeflatedExplicitVRLittleEndian
     if not deflated:
         return
