@@ -13,7 +13,6 @@ file; readers refuse a ``schema_version`` they do not know.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import logging
@@ -251,7 +250,7 @@ def dataset_files_sha256(dataset_dir: Path) -> str:
 
 def manifest_sha256(dataset_dir: Path) -> str:
     """SHA-256 of ``manifest.csv``: identifies the dataset a run was trained on."""
-    return hashlib.sha256((Path(dataset_dir) / MANIFEST_FILE).read_bytes()).hexdigest()
+    return file_sha256(Path(dataset_dir) / MANIFEST_FILE)
 
 
 # ----------------------------------------------------------------------------- dataset.json

@@ -182,7 +182,6 @@ def provenance(dataset_info: dict, manifest: pd.DataFrame, results: dict,
         splits[str(split)] = {"patients": int(rows["patient_id"].nunique()),
                               "images": int(len(rows)), "cancer": int((labels == 1).sum()),
                               "non_cancer": int((labels == 0).sum())}
-    patient_splits = manifest.groupby("patient_id")["split"].nunique()
     return {
         "source": source, "synthetic": source.startswith("synthetic"),
         "dataset_dir": str(dataset_dir),
@@ -190,7 +189,6 @@ def provenance(dataset_info: dict, manifest: pd.DataFrame, results: dict,
         "series": dataset_info.get("series"),
         "image_size": results["config"].get("image_size"), "splits": splits,
         "split_level": "patient",
-        "patients_in_more_than_one_split": int((patient_splits > 1).sum()),
         "weights": {name: info.get("weights_source")
                     for name, info in results["models"].items()},
         "preset": results["config"].get("preset"),

@@ -217,8 +217,8 @@ def _provenance(data: dict) -> str:
         f"<p>Label rule (exclusions as recorded by prepare): <code>{html.escape(label_rule)}"
         "</code></p>" + _single_readers(data["label_rule"]) + _z_gaps(data.get("series"))
         + _table(["split", "patients", "images", "cancer", "non_cancer"], splits)
-        + f"<p>Split level: {data['split_level']}; patients found in more than one split: "
-        f"{data['patients_in_more_than_one_split']}.</p>"
+        + f"<p>Split level: {data['split_level']}; no patient is in two splits (the manifest "
+        "reader refuses such a dataset).</p>"
         + _table(["model", "weights"], weights) + "</div>")
 
 
