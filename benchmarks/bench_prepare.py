@@ -27,11 +27,12 @@ import numpy as np
 import pydicom
 from PIL import Image
 
+from lungct.contract import encode_png
 from lungct.fileio import atomic_write_bytes
 from lungct.parallel import pool_map
 from lungct.prepare import dicom
 from lungct.prepare.candidates import Candidate
-from lungct.prepare.render import RenderSettings, encode_png, render
+from lungct.prepare.render import RenderSettings, render
 from lungct.synthetic.cohort import generate_cohort
 
 LOG = logging.getLogger("bench_prepare")

@@ -18,7 +18,7 @@ import json
 import logging
 import math
 from collections.abc import Iterable, Mapping
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import cv2
@@ -26,14 +26,15 @@ import numpy as np
 import pandas as pd
 
 from lungct.errors import UserError
-from lungct.fileio import atomic_write_bytes, atomic_write_json
+from lungct.fileio import atomic_write_bytes, atomic_write_json, unsafe_relative
 from lungct.fingerprint import file_sha256, fingerprint
 
 __all__ = [
     "CAM_METHODS",
+    "CENTRE_CHANNEL",
+    "CHANNEL_ORDERS",
     "CLASS_NAMES",
     "DATASET_FILE",
-    "IMAGE_CHANNELS",
     "MANIFEST_COLUMNS",
     "MANIFEST_FILE",
     "MODEL_FILES",
@@ -43,9 +44,9 @@ __all__ = [
     "SKIPPED_FILE",
     "SPLITS",
     "check_prediction_block",
+    "dataset_channels",
     "dataset_files_sha256",
-    "file_set_sha256",
-    "verify_file_set",
+    "encode_png",
     "manifest_sha256",
     "read_dataset_info",
     "read_manifest",
@@ -60,8 +61,9 @@ __all__ = [
 
 LOG = logging.getLogger(__name__)
 
-#: Version of every shared file's layout; a reader refuses any other.
-SCHEMA_VERSION = 1
+#: Version of every shared file's layout; a reader refuses any other. Version 2: channels
+#: (2.5D context), patch centres in the manifest, calibrated and cross-validated results.
+SCHEMA_VERSION = 2
 
 MANIFEST_FILE = "manifest.csv"
 DATASET_FILE = "dataset.json"
@@ -72,23 +74,30 @@ MODEL_FILES = {"h5": "lung_cancer_cnn_enhanced.h5", "keras": "lung_cancer_cnn_en
 #: Class names; the index is the label (0 non-cancer, 1 cancer) and the class folder name.
 CLASS_NAMES = ("non_cancer", "cancer")
 SPLITS = ("train", "val", "test")
-#: Channels of every dataset image and model input (8-bit grayscale).
-IMAGE_CHANNELS = 1
+#: What each channel of a dataset image (and model input) shows, by channel count: the plane
+#: at the sample's z, or with 2.5D context (prepare ``--context-mm D``) the HU planes at
+#: z - D, z and z + D as R, G, B (PNGs store B, G, R: :func:`encode_png` and :func:`read_png`
+#: convert, nothing else touches the order).
+CHANNEL_ORDERS = {1: ("z",), 3: ("z-D", "z", "z+D")}
+#: Index of the plane at the sample's own z (Grad-CAM overlays and masks show this one).
+CENTRE_CHANNEL = {1: 0, 3: 1}
 MANIFEST_COLUMNS = (
     "path", "label", "class_name", "split", "patient_id", "series_uid", "slice_z_mm",
     "nodule_id", "malignancy", "n_readers", "diameter_mm", "negative_kind", "mm_per_px",
     "mask_path", "source_file", "manufacturer", "convolution_kernel", "slice_thickness_mm",
-    "lossy", "schema_version",
+    "lossy", "patch_centre_x_mm", "patch_centre_y_mm", "schema_version",
 )
 NUMERIC_COLUMNS = ("slice_z_mm", "malignancy", "n_readers", "diameter_mm", "mm_per_px",
-                   "slice_thickness_mm")
+                   "slice_thickness_mm", "patch_centre_x_mm", "patch_centre_y_mm")
 #: Grad-CAM methods (report.json ``gradcam.method``) and how the report names them.
 CAM_METHODS = {
     "gradcam": "Grad-CAM (Selvaraju et al. 2017)",
     "gradcam++": "Grad-CAM++ (Chattopadhay et al. 2018, eq. 19)",
 }
-#: Keys of a block of predictions (training_results.json ``validation``/``test``, per model).
+#: Keys of a block of predictions (training_results.json ``validation``/``test``, per model);
+#: a calibrated block also holds ``y_prob_uncalibrated`` (before temperature scaling).
 PREDICTION_KEYS = ("paths", "patient_ids", "y_true", "y_prob")
+UNCALIBRATED_KEY = "y_prob_uncalibrated"
 RESULTS_KEYS = ("class_names", "best_model", "threshold", "models", "validation", "test",
                 "config")
 
@@ -148,11 +157,6 @@ def write_skipped(dataset_dir: Path, reasons: Mapping[str, str]) -> None:
     atomic_write_bytes(Path(dataset_dir) / SKIPPED_FILE, _csv_bytes(("file", "reason"), rows))
 
 
-def _unsafe_relative(text: str) -> bool:
-    path = PurePosixPath(text)
-    return text == "" or path.is_absolute() or ".." in path.parts or "\\" in text
-
-
 def _check_manifest(manifest: pd.DataFrame, where: Path) -> None:
     missing = [column for column in MANIFEST_COLUMNS if column not in manifest.columns]
     if missing:
@@ -193,7 +197,7 @@ def _check_manifest(manifest: pd.DataFrame, where: Path) -> None:
     for column in ("path", "mask_path"):
         listed = manifest[column][manifest[column] != ""] if column == "mask_path" \
             else manifest[column]
-        unsafe = [p for p in listed if _unsafe_relative(p)]
+        unsafe = [p for p in listed if unsafe_relative(p)]
         if unsafe:
             raise UserError(f"{where}: {column} {unsafe[0]!r} is not a relative path inside "
                             "the dataset folder.")
@@ -257,7 +261,8 @@ def manifest_sha256(dataset_dir: Path) -> str:
 DATASET_TYPES: dict[str, tuple[type, ...]] = {
     "source": (str,), "synthetic": (bool,), "label_source": (str,), "image_size": (int,),
     "view": (str,), "seed": (int,), "n_images": (int,), "window": (dict,), "counts": (dict,),
-    "input_hash": (str,),
+    "input_hash": (str,), "channels": (int,), "channel_order": (list,),
+    "context_mm": (float, int),
 }
 
 
@@ -290,16 +295,50 @@ def read_dataset_info(dataset_dir: Path, *, required: bool = True) -> dict[str, 
     if isinstance(info.get("image_size"), int) and info["image_size"] < 1:
         raise UserError(f"{path}: image_size must be a positive integer, got "
                         f"{info['image_size']}.")
+    channels = info.get("channels")
+    if channels is not None and (channels not in CHANNEL_ORDERS or list(
+            info.get("channel_order") or []) != list(CHANNEL_ORDERS[channels])):
+        raise UserError(f"{path}: channels {channels!r} with channel_order "
+                        f"{info.get('channel_order')!r} is not one of {CHANNEL_ORDERS}.")
+    context = info.get("context_mm")
+    if context is not None and (not math.isfinite(context) or context < 0):
+        raise UserError(f"{path}: context_mm must be a finite number >= 0, got {context!r}.")
     return info
 
 
+def dataset_channels(info: Mapping[str, Any]) -> int:
+    """Channels of a dataset's images from its ``dataset.json`` (1 when it does not say)."""
+    return int(info.get("channels") or 1)
+
+
 # ----------------------------------------------------------------------------- images
-def read_png(path: Path, what: str = "image", size_px: int | None = None) -> np.ndarray:
-    """Read one dataset PNG (an image or an ROI mask) as uint8 ``(S, S)``.
+#: Deterministic PNG bytes: fixed zlib level, no time stamp (OpenCV writes none).
+PNG_PARAMS = [cv2.IMWRITE_PNG_COMPRESSION, 1]  # fastest zlib level; files ~10% larger
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """PNG bytes of a uint8 image: ``(S, S)`` grayscale or ``(S, S, 3)`` in RGB order.
 
     Raises:
-        UserError: the file is missing or unreadable, not 8-bit single-channel, not square,
-            or not ``size_px`` wide when given.
+        ValueError: not uint8 with 1 or 3 channels, or the encoder failed.
+    """
+    if image.dtype != np.uint8 or not (image.ndim == 2 or image.shape[2:] == (3,)):
+        raise ValueError(f"a dataset PNG is uint8 (S, S) or (S, S, 3), got {image.dtype} "
+                         f"{image.shape}")
+    bgr = image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+    ok, buffer = cv2.imencode(".png", bgr, PNG_PARAMS)
+    if not ok:
+        raise ValueError("PNG encoding failed")
+    return buffer.tobytes()
+
+
+def read_png(path: Path, what: str = "image", size_px: int | None = None,
+             channels: int = 1) -> np.ndarray:
+    """Read one dataset PNG: uint8 ``(S, S)`` (grayscale, masks) or ``(S, S, 3)`` RGB.
+
+    Raises:
+        UserError: the file is missing or unreadable, not 8-bit with ``channels`` channels,
+            not square, or not ``size_px`` wide when given.
     """
     if not Path(path).is_file():
         problem = "is not a regular file" if Path(path).exists() else "is missing"
@@ -307,43 +346,17 @@ def read_png(path: Path, what: str = "image", size_px: int | None = None) -> np.
     image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if image is None:
         raise UserError(f"{what} {path} is not a readable image file.")
-    if image.ndim != 2 or image.dtype != np.uint8:
-        raise UserError(f"{what} {path} is not 8-bit grayscale (shape {image.shape}, "
+    expected_ndim, kind = (2, "grayscale") if channels == 1 else (3, f"{channels}-channel")
+    if (image.ndim != expected_ndim or image.dtype != np.uint8
+            or (channels > 1 and image.shape[2] != channels)):
+        raise UserError(f"{what} {path} is not 8-bit {kind} (shape {image.shape}, "
                         f"{image.dtype}).")
     if image.shape[0] != image.shape[1]:
         raise UserError(f"{what} {path} is {image.shape[1]}x{image.shape[0]} px, not square.")
     if size_px is not None and image.shape[0] != size_px:
         raise UserError(f"{what} {path} is {image.shape[1]}x{image.shape[0]} px; the model "
                         f"takes {size_px}x{size_px}.")
-    return image
-
-
-# ----------------------------------------------------------------------------- file sets
-def file_set_sha256(base: Path, relatives: Iterable[str]) -> dict[str, str]:
-    """``{relative path: SHA-256}`` of files under ``base``: a stage's outputs as one set."""
-    return {relative: file_sha256(Path(base) / relative) for relative in sorted(relatives)}
-
-
-def verify_file_set(recorded: Any, base: Path, where: str, producer: str) -> None:
-    """Check that the files ``where`` lists under ``base`` are the ones it was written with.
-
-    Raises:
-        UserError: the record is malformed, a path leaves ``base``, a file is missing, or its
-            SHA-256 differs (outputs of two runs mixed).
-    """
-    if not isinstance(recorded, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in recorded.items()):
-        raise UserError(f"{where} does not list its files with their SHA-256; re-run {producer}.")
-    for relative, expected in recorded.items():
-        if _unsafe_relative(relative):
-            raise UserError(f"{where} lists {relative!r}, which is not a relative path inside "
-                            f"{base}.")
-        path = Path(base) / relative
-        if not path.is_file():
-            raise UserError(f"{path}, listed in {where}, is missing; re-run {producer}.")
-        if file_sha256(path) != expected:
-            raise UserError(f"{path} changed after {where} was written (files of two runs "
-                            f"mixed?); re-run {producer}.")
+    return image if channels == 1 else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
 # ----------------------------------------------------------------------------- training results
@@ -364,9 +377,12 @@ def check_prediction_block(block: Any, where: str) -> None:
         raise UserError(f"{where}: paths and patient_ids must be text.")
     if any(isinstance(y, bool) or y not in (0, 1) for y in block["y_true"]):
         raise UserError(f"{where} has y_true values other than 0/1.")
-    if not all(isinstance(p, int | float) and not isinstance(p, bool) and math.isfinite(p)
-               and 0.0 <= p <= 1.0 for p in block["y_prob"]):
-        raise UserError(f"{where} has y_prob values that are not probabilities in [0, 1].")
+    for key in ("y_prob", UNCALIBRATED_KEY) if UNCALIBRATED_KEY in block else ("y_prob",):
+        values = block[key]
+        if not isinstance(values, list) or len(values) != lengths["y_prob"] or not all(
+                isinstance(p, int | float) and not isinstance(p, bool) and math.isfinite(p)
+                and 0.0 <= p <= 1.0 for p in values):
+            raise UserError(f"{where} has {key} values that are not probabilities in [0, 1].")
 
 
 def _check_threshold(path: Path, threshold: Any) -> None:
@@ -409,10 +425,16 @@ def read_training_results(path: Path) -> dict[str, Any]:
         raise UserError(f"{path}: best_model {results['best_model']!r} is not among the models "
                         f"{sorted(results['models'])}.")
     _check_threshold(path, results["threshold"])
+    temperature = results.get("calibration", {}).get("temperature", 1.0) if isinstance(
+        results.get("calibration", {}), dict) else None
+    if (not isinstance(temperature, int | float) or isinstance(temperature, bool)
+            or not math.isfinite(temperature) or temperature <= 0):
+        raise UserError(f"{path}: calibration.temperature must be a positive number, got "
+                        f"{temperature!r}.")
     for name, info in results["models"].items():
         model_path = info.get("model_path")
         if model_path is not None and (not isinstance(model_path, str)
-                                       or _unsafe_relative(model_path)):
+                                       or unsafe_relative(model_path)):
             raise UserError(f"{path}: models.{name}.model_path {model_path!r} is not a relative "
                             "path inside the results folder.")
     if not isinstance(results["config"], dict):

@@ -15,7 +15,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from lungct.errors import UserError
@@ -28,6 +28,7 @@ __all__ = [
     "atomic_write_text",
     "fresh_staging",
     "swap_into_place",
+    "unsafe_relative",
 ]
 
 PARTIAL_SUFFIX = ".partial"
@@ -110,3 +111,9 @@ def swap_into_place(staging: Path, target: Path) -> None:
     target.replace(old / target.name)
     staging.rename(target)
     shutil.rmtree(old)
+
+
+def unsafe_relative(text: str) -> bool:
+    """Whether ``text`` fails to name a path inside a folder (empty, absolute, ``..``, ``\\``)."""
+    path = PurePosixPath(text)
+    return text == "" or path.is_absolute() or ".." in path.parts or "\\" in text

@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from lungct.errors import UserError
+from lungct.fileio import unsafe_relative
 
-__all__ = ["file_sha256", "fingerprint"]
+__all__ = ["file_set_sha256", "file_sha256", "fingerprint", "verify_file_set"]
 
 _CHUNK_BYTES = 1 << 20
 
@@ -56,3 +57,30 @@ def fingerprint(settings: Mapping[str, Any], *, contents: Iterable[Path] = (),
     except OSError as error:
         raise UserError(f"cannot read {error.filename} ({error.strerror}).") from error
     return digest.hexdigest()
+
+
+def file_set_sha256(base: Path, relatives: Iterable[str]) -> dict[str, str]:
+    """``{relative path: SHA-256}`` of files under ``base``: a stage's outputs as one set."""
+    return {relative: file_sha256(Path(base) / relative) for relative in sorted(relatives)}
+
+
+def verify_file_set(recorded: Any, base: Path, where: str, producer: str) -> None:
+    """Check that the files ``where`` lists under ``base`` are the ones it was written with.
+
+    Raises:
+        UserError: the record is malformed, a path leaves ``base``, a file is missing, or its
+            SHA-256 differs (outputs of two runs mixed).
+    """
+    if not isinstance(recorded, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in recorded.items()):
+        raise UserError(f"{where} does not list its files with their SHA-256; re-run {producer}.")
+    for relative, expected in recorded.items():
+        if unsafe_relative(relative):
+            raise UserError(f"{where} lists {relative!r}, which is not a relative path inside "
+                            f"{base}.")
+        path = Path(base) / relative
+        if not path.is_file():
+            raise UserError(f"{path}, listed in {where}, is missing; re-run {producer}.")
+        if file_sha256(path) != expected:
+            raise UserError(f"{path} changed after {where} was written (files of two runs "
+                            f"mixed?); re-run {producer}.")

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from lungct import contract
+from lungct.fingerprint import file_set_sha256
 
 __all__ = [
     "make_dataset", "make_baseline_model", "write_results", "fabricate_run", "gap_model",
@@ -159,7 +160,7 @@ def write_results(root: Path, dataset: Path, model, preset: str = "full",
         "model_files": {"h5": "lung_cancer_cnn_enhanced.h5",
                         "keras": "lung_cancer_cnn_enhanced.keras"},
     }
-    results["files_sha256"] = contract.file_set_sha256(root, ["runs/baseline/model.keras"])
+    results["files_sha256"] = file_set_sha256(root, ["runs/baseline/model.keras"])
     return contract.write_training_results(root, results)
 
 

@@ -50,12 +50,12 @@ def test_manifest_round_trip_types(dataset: Path) -> None:
     assert manifest["label"].tolist() == [0, 1, 0, 1]
     assert manifest["slice_z_mm"].tolist() == [1.25] * 4
     assert np.isnan(manifest["diameter_mm"].iloc[0]) and manifest["diameter_mm"].iloc[1] == 7.5
-    assert (manifest["schema_version"] == "1").all()
+    assert (manifest["schema_version"] == str(contract.SCHEMA_VERSION)).all()
 
 
 @pytest.mark.parametrize(("change", "message"), [
-    (lambda m: m.__setitem__("schema_version", "2"),
-     "has schema_version 2 but this lungct reads version 1: re-run prepare_lung_dataset.py"),
+    (lambda m: m.__setitem__("schema_version", "1"),
+     "has schema_version 1 but this lungct reads version 2: re-run prepare_lung_dataset.py"),
     (lambda m: m.__setitem__("label", ["0", "1", "0", "yes"]), r"has labels \['yes'\]"),
     (lambda m: m.__setitem__("split", ["train", "val", "test", "holdout"]),
      r"has splits \['holdout'\]"),
@@ -90,11 +90,14 @@ def test_missing_dataset_folder_and_manifest(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("info", "message"), [
-    ({"schema_version": 1, "image_size": "224"}, "image_size must be int, got '224'"),
-    ({"schema_version": 1, "image_size": True}, "image_size must be int, got True"),
-    ({"schema_version": 1, "image_size": 0}, "image_size must be a positive integer, got 0"),
-    ({"schema_version": 1, "synthetic": "yes"}, "synthetic must be bool, got 'yes'"),
-    ({"image_size": 32}, "has schema_version none but this lungct reads version 1"),
+    ({"schema_version": 2, "image_size": "224"}, "image_size must be int, got '224'"),
+    ({"schema_version": 2, "image_size": True}, "image_size must be int, got True"),
+    ({"schema_version": 2, "image_size": 0}, "image_size must be a positive integer, got 0"),
+    ({"schema_version": 2, "synthetic": "yes"}, "synthetic must be bool, got 'yes'"),
+    ({"image_size": 32}, "has schema_version none but this lungct reads version 2"),
+    ({"schema_version": 2, "channels": 2, "channel_order": ["z"]}, "channels 2 with channel_order"),
+    ({"schema_version": 2, "channels": 3, "channel_order": ["z"]}, "channels 3 with channel_order"),
+    ({"schema_version": 2, "context_mm": -1.0}, "context_mm must be a finite number >= 0"),
 ])
 def test_bad_dataset_json_is_one_sentence(tmp_path: Path, info: dict, message: str) -> None:
     """dataset.json with a wrong type, range or version is refused with the field named."""
@@ -115,7 +118,13 @@ def test_read_png_checks_size_and_depth(dataset: Path, tmp_path: Path) -> None:
     assert contract.read_png(dataset / "non_cancer/0.png", size_px=8).shape == (8, 8)
     with pytest.raises(UserError, match="is 8x8 px; the model takes 16x16"):
         contract.read_png(dataset / "non_cancer/0.png", size_px=16)
-    cv2.imwrite(str(tmp_path / "rgb.png"), np.zeros((8, 8, 3), np.uint8))
+    rgb = np.zeros((8, 8, 3), np.uint8)
+    rgb[..., 0] = 10  # R
+    rgb[..., 2] = 30  # B
+    (tmp_path / "rgb.png").write_bytes(contract.encode_png(rgb))
+    read = contract.read_png(tmp_path / "rgb.png", channels=3)
+    assert read.shape == (8, 8, 3) and read[0, 0].tolist() == [10, 0, 30]
+    assert cv2.imread(str(tmp_path / "rgb.png"))[0, 0].tolist() == [30, 0, 10]  # stored BGR
     with pytest.raises(UserError, match="is not 8-bit grayscale"):
         contract.read_png(tmp_path / "rgb.png")
     cv2.imwrite(str(tmp_path / "wide.png"), np.zeros((8, 10), np.uint8))
@@ -154,12 +163,18 @@ def test_training_results_round_trip(tmp_path: Path) -> None:
                "y_prob": [float("inf")]}}, "test has y_prob values that are not probabilities"),
     ({"validation": {"paths": ["a.png"], "patient_ids": [], "y_true": [1], "y_prob": [0.1]}},
      "validation has lists of different lengths"),
+    ({"test": {"paths": ["a.png"], "patient_ids": ["P1"], "y_true": [1], "y_prob": [0.1],
+               "y_prob_uncalibrated": [0.1, 0.2]}},
+     "test has y_prob_uncalibrated values that are not probabilities"),
+    ({"calibration": {"temperature": 0.0}}, "calibration.temperature must be a positive number"),
+    ({"calibration": {"temperature": float("nan")}},
+     "calibration.temperature must be a positive number, got nan"),
 ])
 def test_bad_training_results_are_one_sentence(tmp_path: Path, changes: dict,
                                                message: str) -> None:
     """Wrong types, ranges and shapes in training_results.json are refused, field named."""
     path = tmp_path / contract.RESULTS_FILE  # written by hand: the writer refuses NaN itself
-    path.write_text(json.dumps({"schema_version": 1, **_results(**changes)}), encoding="utf-8")
+    path.write_text(json.dumps({"schema_version": 2, **_results(**changes)}), encoding="utf-8")
     with pytest.raises(UserError, match=message):
         contract.read_training_results(path)
 

@@ -31,6 +31,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
+from lungct import contract
 from lungct.prepare import dicom, render
 from lungct.prepare.candidates import Candidate
 
@@ -58,7 +59,7 @@ def pngs(path: Path) -> tuple[bytes, bytes]:
     candidate = Candidate(path, path.name, header.patient_id, 0, "",
                           series_uid=header.series_uid, slice_z_mm=header.z_mm,
                           pixel_spacing_mm=header.pixel_spacing_mm)
-    return tuple(render.encode_png(render.render(candidate, settings).image)
+    return tuple(contract.encode_png(render.render(candidate, settings).image)
                  for settings in (SLICE, PATCH))
 
 

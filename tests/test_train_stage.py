@@ -15,6 +15,7 @@ import pytest
 from test_train_image_cache import write_tiny_dataset
 
 import training_lung_cnn
+from lungct import contract
 from lungct.errors import UserError
 from lungct.threshold import youden_threshold
 from lungct.train import loop as trainloop
@@ -135,7 +136,8 @@ def test_results_record_configuration_and_environment(cli_run: tuple[Path, Path,
     assert config["dataset_dir"] == str(dataset.resolve())
     assert results["environment"]["backend"] == keras.backend.backend()
     assert results["environment"]["devices"]
-    assert results["dataset"] == {"schema_version": 1, "source": "synthetic", "image_size": 32}
+    assert results["dataset"] == {"schema_version": contract.SCHEMA_VERSION, "source": "synthetic",
+                                  "image_size": 32}
 
 
 def test_history_csv_has_one_row_per_epoch(cli_run: tuple[Path, Path, dict]) -> None:

@@ -76,12 +76,13 @@ def test_frame(results: dict, manifest: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
-def load_images(dataset_dir: Path, paths: list[str], size_px: int) -> np.ndarray:
-    """uint8 (N, size, size, 1) images as the saved model takes them."""
-    if not paths:
-        return np.zeros((0, size_px, size_px, contract.IMAGE_CHANNELS), np.uint8)
-    images = [contract.read_png(dataset_dir / p, "image", size_px) for p in paths]
-    return np.stack(images)[..., None]
+def load_images(dataset_dir: Path, paths: list[str], size_px: int,
+                channels: int = 1) -> np.ndarray:
+    """uint8 (N, size, size, channels) images as the saved model takes them."""
+    images = [contract.read_png(dataset_dir / p, "image", size_px, channels) for p in paths]
+    if not images:
+        return np.zeros((0, size_px, size_px, channels), np.uint8)
+    return np.stack(images).reshape(len(images), size_px, size_px, channels)
 
 
 def load_masks(dataset_dir: Path, mask_paths: list[str], size_px: int) -> np.ndarray:

@@ -24,7 +24,7 @@ from lungct import contract
 from lungct.backend import environment
 from lungct.faults import kill_point
 from lungct.fileio import fresh_staging, swap_into_place
-from lungct.fingerprint import fingerprint
+from lungct.fingerprint import fingerprint, verify_file_set
 from lungct.interpret import inputs
 from lungct.interpret.evaluation import (
     build_levels,
@@ -126,7 +126,7 @@ def run(config: InterpretConfig) -> dict:
     with (output_lock(config.out_dir, "interpret"),
           shared_lock(config.results_path, "interpret")):
         results = contract.read_training_results(config.results_path)
-        contract.verify_file_set(results.get("files_sha256"), config.results_path.parent,
+        verify_file_set(results.get("files_sha256"), config.results_path.parent,
                                  str(config.results_path), "training_lung_cnn.py")
         dataset_dir = inputs.resolve_dataset_dir(config.dataset_dir, results,
                                                  config.results_path)

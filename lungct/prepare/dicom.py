@@ -170,6 +170,34 @@ class SliceHeader:
     lossy: bool = False  # (0028,2110) Lossy Image Compression 01 or a lossy syntax (decoders)
     manufacturer: str = ""  # (0008,0070)
     convolution_kernel: str = ""  # (0018,1210), values joined by "/"
+    #: (0020,0032) Image Position (Patient): x, y, z of the centre of the first pixel, mm.
+    position_mm: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    #: (0020,0037) Image Orientation (Patient): row then column direction cosines (axial if absent).
+    orientation: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+    #: (0028,0030) Pixel Spacing: between rows (first value) and between columns (second), mm.
+    row_spacing_mm: float = 0.0
+    column_spacing_mm: float = 0.0
+
+    def patient_xy_mm(self, row_px: float, column_px: float) -> tuple[float, float]:
+        """Patient x, y (mm) of a pixel position (row, column; 0 = first pixel's centre).
+
+        PS3.3 C.7.6.2.1.1: P = S + column * column_spacing * X + row * row_spacing * Y, with
+        S = Image Position, X the row direction and Y the column direction cosines.
+        """
+        x_dir, y_dir = np.asarray(self.orientation[:3]), np.asarray(self.orientation[3:])
+        point = (np.asarray(self.position_mm) + column_px * self.column_spacing_mm * x_dir
+                 + row_px * self.row_spacing_mm * y_dir)
+        return float(point[0]), float(point[1])
+
+    def pixel_of_patient_xy(self, x_mm: float, y_mm: float) -> tuple[float, float]:
+        """Row, column (px, fractional) of patient x, y on this slice: the inverse of
+        :meth:`patient_xy_mm` in the slice plane (least squares for a slightly tilted plane)."""
+        x_dir, y_dir = np.asarray(self.orientation[:3]), np.asarray(self.orientation[3:])
+        basis = np.stack([x_dir[:2] * self.column_spacing_mm, y_dir[:2] * self.row_spacing_mm],
+                         axis=1)
+        offset = np.array([x_mm, y_mm]) - np.asarray(self.position_mm[:2])
+        column_px, row_px = np.linalg.lstsq(basis, offset, rcond=None)[0]
+        return float(row_px), float(column_px)
 
 
 def _label(keyword: str) -> str:
@@ -356,7 +384,10 @@ def read_header(path: Path) -> SliceHeader:
         instance_number=int(instance[0]) if instance else 0, rows=pixels.rows,
         columns=pixels.columns, pixel_spacing_mm=float(np.mean(geometry["PixelSpacing"])),
         slice_thickness_mm=thickness[0] if thickness else None, lossy=is_lossy(ds, syntax),
-        manufacturer=_text(ds, "Manufacturer"), convolution_kernel=_text(ds, "ConvolutionKernel"))
+        manufacturer=_text(ds, "Manufacturer"), convolution_kernel=_text(ds, "ConvolutionKernel"),
+        position_mm=tuple(geometry["ImagePositionPatient"][:3]),
+        orientation=tuple(geometry["ImageOrientationPatient"] or (1.0, 0, 0, 0, 1.0, 0)),
+        row_spacing_mm=geometry["PixelSpacing"][0], column_spacing_mm=geometry["PixelSpacing"][1])
 
 
 def _text(ds: pydicom.Dataset, keyword: str) -> str:

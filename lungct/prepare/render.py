@@ -43,11 +43,10 @@ from lungct.prepare.dicom import (
 
 __all__ = [
     "MAX_PATCH_SIDE_PX", "RenderSettings",
-    "Rendered", "render", "read_hu", "apply_window", "square_and_resize", "encode_png",
+    "Rendered", "render", "read_hu", "apply_window", "square_and_resize",
     "lung_tissue_centre", "LOSSY_AIR_BELOW_HU", "NO_LUNG_REASON",
 ]
 
-PNG_PARAMS = [cv2.IMWRITE_PNG_COMPRESSION, 1]  # fastest zlib level; files ~10% larger
 _LUNG_MAX_HU = -500.0
 _BODY_MIN_HU = -500.0
 #: HU; in lossy data every pixel below this is padding (or codec ringing next to it) -> air.
@@ -74,14 +73,6 @@ class Rendered:
     image: np.ndarray  # uint8 (S, S)
     mask: np.ndarray | None  # uint8 0/255 (S, S)
     mm_per_px: float | None
-
-
-def encode_png(image: np.ndarray) -> bytes:
-    """Deterministic 8-bit grayscale PNG bytes."""
-    ok, buffer = cv2.imencode(".png", image, PNG_PARAMS)
-    if not ok:
-        raise ValueError("PNG encoding failed")
-    return buffer.tobytes()
 
 
 def _resize_mask(mask: np.ndarray, size_px: int) -> np.ndarray:

@@ -29,7 +29,7 @@ from lungct.prepare.config import PrepareConfig
 from lungct.prepare.label_sources import Found, find_candidates
 from lungct.prepare.nodules import CLUSTERING_RULE
 from lungct.prepare.pseudonym import Pseudonymiser, masked_logging, pseudonymise
-from lungct.prepare.render import RenderSettings, encode_png, render
+from lungct.prepare.render import RenderSettings, render
 from lungct.prepare.split import Selection, balance, split_patients
 
 __all__ = ["run"]
@@ -77,11 +77,11 @@ def _render_and_write(job: tuple[str, Candidate, RenderSettings, Path]) -> dict 
         return str(skip)
     class_name = contract.CLASS_NAMES[candidate.label]
     image_rel = f"{class_name}/{candidate.key}.png"
-    atomic_write_bytes(staging / image_rel, encode_png(rendered.image))
+    atomic_write_bytes(staging / image_rel, contract.encode_png(rendered.image))
     mask_rel = ""
     if rendered.mask is not None:
         mask_rel = f"masks/{candidate.key}.png"
-        atomic_write_bytes(staging / mask_rel, encode_png(rendered.mask))
+        atomic_write_bytes(staging / mask_rel, contract.encode_png(rendered.mask))
     fmt = lambda value, spec: "" if value is None else format(value, spec)  # noqa: E731
     return {
         "path": image_rel, "label": candidate.label, "class_name": class_name, "split": split,
@@ -94,6 +94,7 @@ def _render_and_write(job: tuple[str, Candidate, RenderSettings, Path]) -> dict 
         "manufacturer": candidate.manufacturer, "convolution_kernel": candidate.convolution_kernel,
         "slice_thickness_mm": fmt(candidate.slice_thickness_mm, "g"),
         "lossy": "" if candidate.lossy is None else int(candidate.lossy),
+        "patch_centre_x_mm": "", "patch_centre_y_mm": "",
     }
 
 
@@ -298,6 +299,7 @@ def _describe(config: PrepareConfig, source: sources.ResolvedSource, found: Foun
         "window": {"center_hu": settings.window_center_hu, "width_hu": settings.window_width_hu},
         "image_size": config.image_size_px,
         "view": settings.view,
+        "channels": 1, "channel_order": list(contract.CHANNEL_ORDERS[1]), "context_mm": 0.0,
         "patch_mm": config.patch_mm if settings.view == "patch" else None,
         "seed": config.seed,
         "split_fractions": dict(zip(contract.SPLITS, config.split_fractions, strict=True)),

@@ -42,7 +42,7 @@ class SplitData:
         paths: image paths relative to the dataset folder.
         patient_ids: one per image.
         labels: int8 ``(N,)``, 1 = cancer.
-        images: uint8 ``(N, S, S, 1)``, a memory map of the cache when it could be written.
+        images: uint8 ``(N, S, S, C)``, a memory map of the cache when it could be written.
     """
 
     name: str
@@ -86,7 +86,8 @@ def check_split_classes(manifest: pd.DataFrame) -> None:
         )
 
 
-def load_split(dataset_dir: Path, manifest: pd.DataFrame, split: str) -> SplitData:
+def load_split(dataset_dir: Path, manifest: pd.DataFrame, split: str,
+               channels: int = 1) -> SplitData:
     """Return ``split`` with its images, from the cache or decoded (then cached).
 
     Raises:
@@ -98,7 +99,7 @@ def load_split(dataset_dir: Path, manifest: pd.DataFrame, split: str) -> SplitDa
     dataset_dir = Path(dataset_dir)
     rows = manifest[manifest["split"] == split]
     paths = tuple(rows["path"])
-    images = _cached_images(dataset_dir, split, paths)
+    images = _cached_images(dataset_dir, split, paths, channels)
     return SplitData(
         name=split,
         paths=paths,
@@ -108,21 +109,22 @@ def load_split(dataset_dir: Path, manifest: pd.DataFrame, split: str) -> SplitDa
     )
 
 
-def _cache_key(dataset_dir: Path, split: str, paths: tuple[str, ...]) -> str:
+def _cache_key(dataset_dir: Path, split: str, paths: tuple[str, ...], channels: int) -> str:
     listing = ((relative, dataset_dir / relative) for relative in paths)
-    return fingerprint({"split": split, "channels": contract.IMAGE_CHANNELS},
+    return fingerprint({"split": split, "channels": channels},
                        contents=(dataset_dir / contract.MANIFEST_FILE,), listing=listing)[:16]
 
 
-def _cached_images(dataset_dir: Path, split: str, paths: tuple[str, ...]) -> np.ndarray:
+def _cached_images(dataset_dir: Path, split: str, paths: tuple[str, ...],
+                   channels: int) -> np.ndarray:
     cache_dir = dataset_dir / CACHE_FOLDER
-    cache_path = cache_dir / f"{split}-{_cache_key(dataset_dir, split, paths)}.npy"
+    cache_path = cache_dir / f"{split}-{_cache_key(dataset_dir, split, paths, channels)}.npy"
     if cache_path.is_file():
         images = np.load(cache_path, mmap_mode="r")
         if images.shape[0] == len(paths) and images.dtype == np.uint8:
             LOG.debug("%s split: %d images memory-mapped from %s", split, len(paths), cache_path)
             return images
-    images = decode_images(dataset_dir, paths, desc=f"decoding {split} images")
+    images = decode_images(dataset_dir, paths, channels, desc=f"decoding {split} images")
     try:
         with atomic_path(cache_path) as temporary:
             np.save(temporary, images)
@@ -137,24 +139,26 @@ def _cached_images(dataset_dir: Path, split: str, paths: tuple[str, ...]) -> np.
     return np.load(cache_path, mmap_mode="r")
 
 
-def decode_images(dataset_dir: Path, paths: tuple[str, ...], desc: str = "decoding") -> np.ndarray:
-    """Decode 8-bit grayscale square PNGs of one size into uint8 ``(N, S, S, 1)``.
+def decode_images(dataset_dir: Path, paths: tuple[str, ...], channels: int = 1,
+                  desc: str = "decoding") -> np.ndarray:
+    """Decode 8-bit square PNGs of one size into uint8 ``(N, S, S, channels)`` (RGB order).
 
     Raises:
-        UserError: an image is unreadable, not single-channel 8-bit, not square, or its size
-            differs from the first image's.
+        UserError: an image is unreadable, not 8-bit with ``channels`` channels, not square,
+            or its size differs from the first image's.
     """
     images: np.ndarray | None = None
     for index, relative in enumerate(tqdm(paths, desc=desc, unit="img", leave=False)):
-        image = contract.read_png(Path(dataset_dir) / relative)
+        image = contract.read_png(Path(dataset_dir) / relative, channels=channels)
+        image = image.reshape(*image.shape[:2], channels)
         if images is None:
-            images = np.empty((len(paths), *image.shape, contract.IMAGE_CHANNELS), dtype=np.uint8)
-        elif image.shape != images.shape[1:3]:
+            images = np.empty((len(paths), *image.shape), dtype=np.uint8)
+        elif image.shape[:2] != images.shape[1:3]:
             raise UserError(
                 f"image {relative} is {image.shape[1]}x{image.shape[0]} px but earlier images "
                 f"are {images.shape[2]}x{images.shape[1]} px; all images must share one size."
             )
-        images[index, :, :, 0] = image
+        images[index] = image
     if images is None:
         raise UserError(f"no images to decode in {dataset_dir}.")
     return images

@@ -55,8 +55,13 @@ def train_model(
     val: SplitData,
     weights: models.ResolvedWeights | None,
     run_dir: Path,
+    *,
+    fingerprint: str = "",
 ) -> tuple[keras.Model, dict]:
     """Build and train model ``name`` (phase 1 or 2); return it with its run record.
+
+    ``fingerprint`` identifies the run (settings and dataset, lungct.train.stage): a checkpoint
+    left in ``run_dir`` by an interrupted run resumes only when it carries the same one.
 
     The record holds the history, parameter count, weights source, timing, training images,
     class weights and the fine-tuned layers. The best validation-AUC weights are restored.

@@ -26,7 +26,7 @@ from lungct import backend, contract
 from lungct.errors import UserError
 from lungct.faults import kill_point
 from lungct.fileio import atomic_path, atomic_write_json
-from lungct.fingerprint import file_sha256, fingerprint
+from lungct.fingerprint import file_set_sha256, file_sha256, fingerprint
 from lungct.locking import output_lock, shared_lock
 from lungct.metrics import auc
 from lungct.modelio import load_classifier
@@ -140,7 +140,7 @@ def _run_locked(config: TrainConfig) -> dict:
     _save_selected(config.out_dir, outcomes[best]["model_path"], dataset.image_size)
     kill_point("train", "selected_saved")
     results = _results(config, dataset, outcomes, best, threshold, mixed_precision)
-    results["files_sha256"] = contract.file_set_sha256(config.out_dir, [
+    results["files_sha256"] = file_set_sha256(config.out_dir, [
         *contract.MODEL_FILES.values(), *(o["model_path"] for o in outcomes.values())])
     contract.write_training_results(config.out_dir, results)
     _log_summary(results, config.out_dir)
@@ -178,7 +178,7 @@ def _train_or_reuse(
     ):
         if record is None:
             model, record = train_model(name, config, dataset.train, dataset.val, weights,
-                                        run_dir)
+                                        run_dir, fingerprint=run_fingerprint)
             record["fingerprint"] = run_fingerprint
             with atomic_path(run_dir / "model.keras") as temporary:
                 model.save(temporary)
