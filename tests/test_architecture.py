@@ -16,7 +16,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "lungct"
 MAX_LINES = 450
-STAGES = ("lungct.prepare", "lungct.train", "lungct.interpret")
+STAGES = ("lungct.prepare", "lungct.train", "lungct.interpret", "lungct.predict")
 FRAMEWORKS = ("keras", "tensorflow", "jax")
 # Written in pieces so that this file does not match its own check.
 LOCAL_PATHS = ("..", "/shared"), ("/work", "/")

@@ -21,9 +21,10 @@ import pandas as pd
 
 from lungct.errors import UserError
 from lungct.prepare import lidc
+from lungct.prepare.dicom import SliceHeader
 from lungct.prepare.lidc_xml import Readings
 from lungct.prepare.nodules import Nodule, cluster_nodules
-from lungct.prepare.series import Series
+from lungct.prepare.series import Series, SliceStack
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -123,6 +124,12 @@ class Candidate:
     lossy: bool | None = None  # (0028,2110) or a lossy transfer syntax; None: not DICOM
     mask: MaskCrop | None = field(default=None, compare=False)
     centre_xy_px: tuple[float, float] | None = None  # patch centre; None = choose in lung tissue
+    #: The slice's own header: its (0020,0032)/(0020,0037)/(0028,0030) geometry places the
+    #: patch centre in patient coordinates. None for image files.
+    header: SliceHeader | None = field(default=None, compare=False, repr=False)
+    #: The slice's series along z, for 2.5D context (one object shared by the series'
+    #: candidates). None for image files and DICOM labelled one file at a time.
+    stack: SliceStack | None = field(default=None, compare=False, repr=False)
 
     @property
     def key(self) -> str:
@@ -205,6 +212,8 @@ def lidc_candidates(
             manufacturer=header.manufacturer,
             convolution_kernel=header.convolution_kernel,
             lossy=header.lossy,
+            header=header,
+            stack=series.stack,
         )
         labelled = [(n, m, lab) for n, m, lab in entries if lab is not None]
         if not entries:

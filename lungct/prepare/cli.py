@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--view", choices=("slice", "patch"), default="slice",
                      help="whole axial slice, or a square patch around the nodule")
     out.add_argument("--patch-mm", type=finite_float, default=64.0, help="patch side in mm")
+    out.add_argument("--context-mm", type=finite_float, default=0.0,
+                     help="2.5D context D: 0 = the slice alone (grayscale); D > 0 = RGB of the "
+                          "HU planes at z - D, z, z + D, interpolated along z (0-50 mm)")
     out.add_argument("--overwrite", action="store_true", help="rebuild an existing output")
     out.add_argument("--pseudonymise", action="store_true",
                      help="replace patient ids and UIDs by salted hashes in every output")
@@ -107,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                 max_patients=args.max_patients, labels_csv=args.labels,
                 patient_regex=args.patient_regex, output_dir=args.output, work_dir=args.work_dir,
                 image_size_px=args.image_size, window=args.window, view=args.view,
-                patch_mm=args.patch_mm, split_fractions=args.split,
+                patch_mm=args.patch_mm, context_mm=args.context_mm, split_fractions=args.split,
                 target_count=args.target_count, max_per_patient=args.max_per_patient,
                 negative_margin_mm=args.negative_margin_mm, label_rule=rule, seed=args.seed,
                 synthetic_patients=args.synthetic_patients,

@@ -11,11 +11,12 @@ from pathlib import Path
 from lungct.prepare import dicom, lidc, sources
 from lungct.prepare.split import split_patients
 
-__all__ = ["MAX_MARGIN_MM", "MAX_PATCH_MM", "MAX_WINDOW_HU", "PrepareConfig"]
+__all__ = ["MAX_CONTEXT_MM", "MAX_MARGIN_MM", "MAX_PATCH_MM", "MAX_WINDOW_HU", "PrepareConfig"]
 
 MAX_PATCH_MM = 500.0  # wider than any chest field of view
 MAX_MARGIN_MM = 1000.0  # longer than any CT series
 MAX_WINDOW_HU = 10000.0  # beyond the 16-bit HU range a CT can store
+MAX_CONTEXT_MM = 50.0  # 2.5D context: planes further away show other anatomy than the sample's
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class PrepareConfig:
     window: str = "lung"
     view: str = "slice"
     patch_mm: float = 64.0
+    context_mm: float = 0.0  # 2.5D context D (mm): 0 = one plane, else z - D, z, z + D
     split_fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)
     target_count: int = 3000
     max_per_patient: int = 20
@@ -55,6 +57,10 @@ class PrepareConfig:
             raise ValueError(f"image size must be 8-2048 px, got {self.image_size_px}")
         if not (math.isfinite(self.patch_mm) and 1.0 <= self.patch_mm <= MAX_PATCH_MM):
             raise ValueError(f"patch size must be 1-{MAX_PATCH_MM:g} mm, got {self.patch_mm:g}")
+        if not (isinstance(self.context_mm, (int, float)) and math.isfinite(self.context_mm)
+                and 0 <= self.context_mm <= MAX_CONTEXT_MM):
+            raise ValueError(f"--context-mm must be a number from 0 to {MAX_CONTEXT_MM:g} mm, "
+                             f"got {self.context_mm!r}")
         if not (math.isfinite(self.negative_margin_mm)
                 and 0 <= self.negative_margin_mm <= MAX_MARGIN_MM):
             raise ValueError(f"negative margin must be 0-{MAX_MARGIN_MM:g} mm, got "

@@ -1,8 +1,9 @@
 """Turn one candidate into the PNG image (and ROI mask) the dataset stores.
 
-Order: decode -> HU (padding to air) -> crop (patch view) or pad to square (slice view) in
-HU -> area resize in HU -> window to uint8 -> invert for MONOCHROME1. Resizing before
-windowing averages Hounsfield units, not clipped grey levels.
+Order: decode -> HU (padding to air) -> with 2.5D context, the HU planes at z - D and z + D
+(lungct.prepare.context) -> crop (patch view, every plane at the same place) or pad to square
+(slice view) in HU -> area resize in HU -> window to uint8 -> invert for MONOCHROME1. Resizing
+before windowing averages Hounsfield units, not clipped grey levels.
 
 Decoding is bounded: it starts only after :func:`lungct.prepare.dicom.pixel_format` has
 checked the header's numbers and capped the decoded size, never decodes more than one frame
@@ -21,6 +22,7 @@ import numpy as np
 import pydicom
 
 from lungct.prepare.candidates import IMAGE_SUFFIXES, Candidate
+from lungct.prepare.context import HuCache, context_hu
 from lungct.prepare.decoders import (
     DecodeRefusedError,
     PixelFormat,
@@ -42,7 +44,7 @@ from lungct.prepare.dicom import (
 )
 
 __all__ = [
-    "MAX_PATCH_SIDE_PX", "RenderSettings",
+    "MAX_PATCH_SIDE_PX", "NO_SERIES_REASON", "RenderSettings",
     "Rendered", "render", "read_hu", "apply_window", "square_and_resize",
     "lung_tissue_centre", "LOSSY_AIR_BELOW_HU", "NO_LUNG_REASON",
 ]
@@ -52,6 +54,7 @@ _BODY_MIN_HU = -500.0
 #: HU; in lossy data every pixel below this is padding (or codec ringing next to it) -> air.
 LOSSY_AIR_BELOW_HU = -1500.0
 NO_LUNG_REASON = "no lung tissue for a no_finding patch centre"
+NO_SERIES_REASON = "2.5D context needs the slice's CT series (not known for this file)"
 #: px; a patch (--patch-mm / pixel spacing) wider than the largest slice (4096 px, 64 MB of
 #: float32 HU) is refused rather than allocated.
 MAX_PATCH_SIDE_PX = 4096
@@ -66,13 +69,19 @@ class RenderSettings:
     window_width_hu: float
     view: str  # "slice" | "patch"
     patch_mm: float
+    context_mm: float = 0.0  # 2.5D context D: 0 = one plane, else z - D, z, z + D as RGB
 
 
 @dataclass(frozen=True)
 class Rendered:
-    image: np.ndarray  # uint8 (S, S)
-    mask: np.ndarray | None  # uint8 0/255 (S, S)
+    """One drawn sample."""
+
+    image: np.ndarray  # uint8 (S, S), or (S, S, 3) RGB = z - D, z, z + D with 2.5D context
+    mask: np.ndarray | None  # uint8 0/255 (S, S), of the plane at z
     mm_per_px: float | None
+    #: Patient x, y (mm) of the patch centre (:func:`patch_centre_px`); None in the slice
+    #: view and without a DICOM header.
+    patch_centre_xy_mm: tuple[float, float] | None = None
 
 
 def _resize_mask(mask: np.ndarray, size_px: int) -> np.ndarray:
@@ -119,11 +128,29 @@ def lung_tissue_centre(hu: np.ndarray, patch_px: int, seed_text: str) -> tuple[f
     raise UnusableFileError(NO_LUNG_REASON)
 
 
-def _crop(image: np.ndarray, centre_xy: tuple[float, float], side_px: int,
-          fill: float) -> np.ndarray:
-    """A ``side_px`` square of ``image`` centred on ``centre_xy``, padded with ``fill``."""
-    left = int(round(centre_xy[0] - side_px / 2))
-    top = int(round(centre_xy[1] - side_px / 2))
+def _patch_origin(centre_xy: tuple[float, float], side_px: int) -> tuple[int, int]:
+    """Column and row (left, top) of the first pixel of a ``side_px`` patch around
+    ``centre_xy`` (x = column, y = row, px): the one rounding rule of the patch view."""
+    return int(round(centre_xy[0] - side_px / 2)), int(round(centre_xy[1] - side_px / 2))
+
+
+def patch_centre_px(centre_xy: tuple[float, float], side_px: int) -> tuple[float, float]:
+    """The centre of the patch drawn around ``centre_xy``, as (row, column) px.
+
+    It is the patch's first pixel + ``side_px / 2`` in both directions: the output pixel
+    (S/2, S/2) for an even side, half a pixel past the middle pixel for an odd one. Taken as
+    the centre again, it gives back the same patch exactly: its distance to the rounding
+    boundaries of :func:`_patch_origin` is half a pixel, so an error of a few micrometres
+    (the manifest's 3 decimals in mm) cannot move the crop.
+    """
+    left, top = _patch_origin(centre_xy, side_px)
+    return top + side_px / 2, left + side_px / 2
+
+
+def _crop(image: np.ndarray, origin: tuple[int, int], side_px: int, fill: float) -> np.ndarray:
+    """The ``side_px`` square of ``image`` whose first pixel is ``origin`` (left, top), padded
+    with ``fill`` where it leaves the image."""
+    left, top = origin
     out = np.full((side_px, side_px), fill, dtype=image.dtype)
     rows, cols = image.shape
     src_top, src_left = max(top, 0), max(left, 0)
@@ -238,14 +265,30 @@ def square_and_resize(image: np.ndarray, size_px: int, fill: float) -> tuple[np.
     return resized, side / size_px
 
 
-def render(candidate: Candidate, settings: RenderSettings) -> Rendered:
+def render(candidate: Candidate, settings: RenderSettings,
+           cache: HuCache | None = None) -> Rendered:
     """Draw one candidate.
 
+    With ``settings.context_mm`` D > 0 the image has three channels, R, G, B = the HU planes
+    at z - D, z and z + D (:func:`lungct.prepare.context.context_hu`), each cropped at the
+    same place, resized and windowed as the single plane is, and inverted when the sample's
+    own slice is MONOCHROME1; the mask is that of the plane at z.
+
+    Args:
+        candidate: the sample; for 2.5D context it needs its ``stack``.
+        settings: how every sample is drawn.
+        cache: decoded slices shared by the samples of one series drawn in a row; a fresh
+            one for this sample when None.
+
     Raises:
-        lungct.prepare.dicom.UnusableFileError: its pixels cannot be read, or its patch would
-            be wider than :data:`MAX_PATCH_SIDE_PX`, or a patch without a centre (a
-            ``no_finding`` sample) finds no lung tissue (:data:`NO_LUNG_REASON`).
+        lungct.prepare.dicom.UnusableFileError: its pixels (or a context plane's) cannot be
+            read, its patch would be wider than :data:`MAX_PATCH_SIDE_PX`, a patch without a
+            centre (a ``no_finding`` sample) finds no lung tissue (:data:`NO_LUNG_REASON`),
+            a context plane falls outside the series or across a gap in it, or the candidate
+            has no series for its context (:data:`NO_SERIES_REASON`).
     """
+    if settings.context_mm and (candidate.stack is None or candidate.slice_z_mm is None):
+        raise UnusableFileError(NO_SERIES_REASON)
     if candidate.source_path.suffix.lower() in IMAGE_SUFFIXES:
         return _render_image_file(candidate, settings)
     spacing_mm = candidate.pixel_spacing_mm
@@ -255,18 +298,25 @@ def render(candidate: Candidate, settings: RenderSettings) -> Rendered:
         raise UnusableFileError(
             f"patch of {side_px} px (--patch-mm {settings.patch_mm:g} / pixel spacing "
             f"{spacing_mm:g} mm) exceeds {MAX_PATCH_SIDE_PX} px")
-    hu, monochrome1 = read_hu(candidate.source_path)
+    cache = cache if cache is not None else HuCache(read_hu)
+    hu, monochrome1 = cache.read(candidate.source_path)
+    planes = _planes(candidate, settings.context_mm, hu, cache)
     mask = candidate.mask.full(hu.shape) if candidate.mask is not None else None
+    centre_mm = None
     if patch:
         centre = candidate.centre_xy_px or lung_tissue_centre(
             hu, side_px, f"{candidate.series_uid}:{candidate.slice_z_mm}"
         )
-        hu = _crop(hu, centre, side_px, AIR_HU)
-        mask = _crop(mask, centre, side_px, False) if mask is not None else None
-    resized, scale = square_and_resize(hu, settings.image_size_px, AIR_HU)
-    image = apply_window(resized, settings.window_center_hu, settings.window_width_hu)
-    if monochrome1:
-        image = 255 - image
+        origin = _patch_origin(centre, side_px)
+        planes = [_crop(plane, origin, side_px, AIR_HU) for plane in planes]
+        mask = _crop(mask, origin, side_px, False) if mask is not None else None
+        if candidate.header is not None:
+            centre_mm = candidate.header.patient_xy_mm(*patch_centre_px(centre, side_px))
+    channels = []
+    for plane in planes:
+        resized, scale = square_and_resize(plane, settings.image_size_px, AIR_HU)
+        image = apply_window(resized, settings.window_center_hu, settings.window_width_hu)
+        channels.append(255 - image if monochrome1 else image)
     if mask is not None:
         side = max(mask.shape)
         square = np.zeros((side, side), dtype=bool)
@@ -274,7 +324,22 @@ def render(candidate: Candidate, settings: RenderSettings) -> Rendered:
         square[top : top + mask.shape[0], left : left + mask.shape[1]] = mask
         mask = _resize_mask(square, settings.image_size_px)
     mm_per_px = spacing_mm * scale if spacing_mm else None
-    return Rendered(image, mask, mm_per_px)
+    image = channels[0] if len(channels) == 1 else np.stack(channels, axis=-1)
+    return Rendered(image, mask, mm_per_px, centre_mm)
+
+
+def _planes(candidate: Candidate, context_mm: float, hu: np.ndarray,
+            cache: HuCache) -> list[np.ndarray]:
+    """The HU planes a sample shows: its slice, or with context the planes at z - D, z, z + D
+    (``lungct.contract.CHANNEL_ORDERS``)."""
+    if not context_mm:
+        return [hu]
+    below, above = (context_hu(candidate.stack, candidate.slice_z_mm, offset, cache.read)
+                    for offset in (-context_mm, context_mm))
+    if below.shape != hu.shape or above.shape != hu.shape:
+        raise UnusableFileError(f"2.5D context slices differ in size from the sample's slice "
+                                f"{hu.shape}")
+    return [below, hu, above]
 
 
 def _image_file_shape(data: bytes) -> tuple[int, int] | None:

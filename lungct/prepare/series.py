@@ -2,26 +2,55 @@
 
 Ordering rule (docs/lidc_format.md): of two slices at the same z the lower (0020,0013)
 Instance Number is kept; a slice whose size differs from its series' first slice is dropped.
-A step in z above ``Z_GAP_FACTOR`` times the series' median step counts as a missing slice.
+A step in z above ``Z_GAP_FACTOR`` times the series' median step counts as a missing slice
+(:func:`max_step_mm`); 2.5D context (lungct.prepare.context) does not interpolate across one.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 
 from lungct.prepare.dicom import SliceHeader
 
-__all__ = ["Z_GAP_FACTOR", "Series", "assemble_series"]
+__all__ = ["Z_GAP_FACTOR", "Z_TOLERANCE_MM", "Series", "SliceStack", "assemble_series",
+           "max_step_mm"]
 
 LOG = logging.getLogger(__name__)
 
 Z_GAP_FACTOR = 1.5  # a z step above 1.5 x the series' median step is a missing slice
+#: mm; two slices closer in z than this are at the same position (the second is a duplicate).
+Z_TOLERANCE_MM = 1e-3
+
+
+def max_step_mm(z_mm: Sequence[float]) -> float:
+    """The largest step between neighbouring slices (ascending ``z_mm``) that is no gap.
+
+    :data:`Z_GAP_FACTOR` x the median step; infinite for fewer than two slices (no step).
+    """
+    steps = np.diff(np.asarray(z_mm, dtype=np.float64))
+    return Z_GAP_FACTOR * float(np.median(steps)) if len(steps) else math.inf
+
+
+@dataclass(frozen=True)
+class SliceStack:
+    """Where the slices of one series lie along z: what 2.5D context needs of the series.
+
+    ``z_mm`` ascending (third value of (0020,0032) Image Position (Patient)), ``paths`` the
+    slices' files in the same order, ``max_step_mm`` the series' gap rule
+    (:func:`max_step_mm`).
+    """
+
+    z_mm: tuple[float, ...]
+    paths: tuple[Path, ...]
+    max_step_mm: float
 
 
 @dataclass(frozen=True)
@@ -40,10 +69,13 @@ class Series:
     @property
     def z_gaps(self) -> int:
         """Steps in z above :data:`Z_GAP_FACTOR` x the median step: missing slices."""
-        steps = np.diff(self.z_mm)
-        if len(steps) < 2:
-            return 0
-        return int(np.count_nonzero(steps > Z_GAP_FACTOR * float(np.median(steps))))
+        return int(np.count_nonzero(np.diff(self.z_mm) > max_step_mm(self.z_mm)))
+
+    @cached_property
+    def stack(self) -> SliceStack:
+        """The series' z positions and files, one object shared by all its candidates."""
+        return SliceStack(tuple(float(z) for z in self.z_mm),
+                          tuple(s.path for s in self.slices), max_step_mm(self.z_mm))
 
     @property
     def pixel_spacing_mm(self) -> float:
@@ -78,7 +110,7 @@ def assemble_series(
         ordered = sorted(groups[uid], key=lambda h: (h.z_mm, h.instance_number, str(h.path)))
         kept: list[SliceHeader] = []
         for header in ordered:
-            if kept and abs(header.z_mm - kept[-1].z_mm) < 1e-3:
+            if kept and abs(header.z_mm - kept[-1].z_mm) < Z_TOLERANCE_MM:
                 dropped.append(
                     (header.path, f"duplicate slice position z={header.z_mm:g} mm "
                                   f"(kept InstanceNumber {kept[-1].instance_number})")

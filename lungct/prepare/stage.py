@@ -26,10 +26,11 @@ from lungct.prepare import dicom, sources
 from lungct.prepare.archives import MARKER_SUFFIX
 from lungct.prepare.candidates import Candidate, relative_display_path
 from lungct.prepare.config import PrepareConfig
+from lungct.prepare.context import HuCache
 from lungct.prepare.label_sources import Found, find_candidates
 from lungct.prepare.nodules import CLUSTERING_RULE
 from lungct.prepare.pseudonym import Pseudonymiser, masked_logging, pseudonymise
-from lungct.prepare.render import RenderSettings, render
+from lungct.prepare.render import RenderSettings, read_hu, render
 from lungct.prepare.split import Selection, balance, split_patients
 
 __all__ = ["run"]
@@ -37,6 +38,9 @@ __all__ = ["run"]
 LOG = logging.getLogger(__name__)
 
 SOURCES_LOCK_NAME = ".lungct-sources"
+#: Samples of one series drawn by one worker task, in z order, sharing decoded slices
+#: (lungct.prepare.context.HuCache); small enough to keep every worker busy.
+SAMPLES_PER_TASK = 16
 
 
 # ----------------------------------------------------------------------------- file listing
@@ -69,10 +73,20 @@ def _input_hash(config: PrepareConfig, root: Path, files: list[Path], descriptio
 
 
 # ----------------------------------------------------------------------------- writing
-def _render_and_write(job: tuple[str, Candidate, RenderSettings, Path]) -> dict | str:
-    split, candidate, settings, staging = job
+def _render_task(task: tuple[list[tuple[str, Candidate]], RenderSettings, Path]
+                 ) -> list[dict | str]:
+    """Draw and write the samples of one task (one series, in z order) with one slice cache."""
+    samples, settings, staging = task
+    cache = HuCache(read_hu)
+    return [_render_and_write(split, candidate, settings, staging, cache)
+            for split, candidate in samples]
+
+
+def _render_and_write(split: str, candidate: Candidate, settings: RenderSettings, staging: Path,
+                      cache: HuCache) -> dict | str:
+    """The manifest row of one sample, its image (and mask) written; else the skip reason."""
     try:
-        rendered = render(candidate, settings)
+        rendered = render(candidate, settings, cache)
     except dicom.UnusableFileError as skip:
         return str(skip)
     class_name = contract.CLASS_NAMES[candidate.label]
@@ -83,6 +97,7 @@ def _render_and_write(job: tuple[str, Candidate, RenderSettings, Path]) -> dict 
         mask_rel = f"masks/{candidate.key}.png"
         atomic_write_bytes(staging / mask_rel, contract.encode_png(rendered.mask))
     fmt = lambda value, spec: "" if value is None else format(value, spec)  # noqa: E731
+    centre_mm = rendered.patch_centre_xy_mm or (None, None)
     return {
         "path": image_rel, "label": candidate.label, "class_name": class_name, "split": split,
         "patient_id": candidate.patient_id, "series_uid": candidate.series_uid,
@@ -94,7 +109,10 @@ def _render_and_write(job: tuple[str, Candidate, RenderSettings, Path]) -> dict 
         "manufacturer": candidate.manufacturer, "convolution_kernel": candidate.convolution_kernel,
         "slice_thickness_mm": fmt(candidate.slice_thickness_mm, "g"),
         "lossy": "" if candidate.lossy is None else int(candidate.lossy),
-        "patch_centre_x_mm": "", "patch_centre_y_mm": "",
+        # 3 decimals (1 um): read back with SliceHeader.pixel_of_patient_xy, they give the
+        # same crop (lungct.prepare.render.patch_centre_px)
+        "patch_centre_x_mm": fmt(centre_mm[0], ".3f"),
+        "patch_centre_y_mm": fmt(centre_mm[1], ".3f"),
     }
 
 
@@ -242,7 +260,12 @@ def _render_settings(config: PrepareConfig, label_source: str) -> RenderSettings
     view = config.view if label_source == "lidc_xml" else "slice"
     if view != config.view:
         LOG.warning("--view patch needs nodule outlines (LIDC XML): using whole images")
-    return RenderSettings(config.image_size_px, center_hu, width_hu, view, config.patch_mm)
+    if config.context_mm and label_source != "lidc_xml":
+        raise UserError(f"--context-mm needs CT series labelled by LIDC XML readings, but the "
+                        f"labels here come from {label_source.replace('_', ' ')} (single "
+                        "images): leave --context-mm at 0.")
+    return RenderSettings(config.image_size_px, center_hu, width_hu, view, config.patch_mm,
+                          config.context_mm)
 
 
 def _check_not_nested(output_dir: Path, input_root: Path) -> None:
@@ -257,18 +280,33 @@ def _check_not_nested(output_dir: Path, input_root: Path) -> None:
                         "replaces; choose an --output outside it.")
 
 
+def _tasks(samples: list[tuple[str, Candidate]]) -> list[list[tuple[str, Candidate]]]:
+    """The samples in tasks of at most :data:`SAMPLES_PER_TASK`, each of one series in z
+    order, so that neighbouring samples share decoded slices (image files: one per task)."""
+    by_series: dict[str, list[tuple[str, Candidate]]] = {}
+    for split, candidate in samples:
+        by_series.setdefault(candidate.series_uid or candidate.key, []).append((split, candidate))
+    tasks = []
+    for group in by_series.values():
+        group.sort(key=lambda sample: (sample[1].slice_z_mm or 0.0, sample[1].key))
+        tasks += [group[i : i + SAMPLES_PER_TASK] for i in range(0, len(group),
+                                                                   SAMPLES_PER_TASK)]
+    return tasks
+
+
 def _render_all(selection: Selection, settings: RenderSettings, staging: Path, workers: int,
                 skipped: dict[str, str]) -> list[dict]:
     """Render every selected sample into ``staging``; manifest rows sorted by path."""
-    jobs = [(split, c, settings, staging) for split, c in selection.samples]
+    tasks = _tasks(selection.samples)
+    results = pool_map(_render_task, [(task, settings, staging) for task in tasks], workers,
+                       "render")
     rows: list[dict] = []
-    for (_, candidate, _, _), result in zip(
-        jobs, pool_map(_render_and_write, jobs, workers, "render"), strict=True
-    ):
-        if isinstance(result, str):
-            skipped[candidate.source_file] = result
-        else:
-            rows.append(result)
+    for task, task_results in zip(tasks, results, strict=True):
+        for (_, candidate), result in zip(task, task_results, strict=True):
+            if isinstance(result, str):
+                skipped[candidate.source_file] = result
+            else:
+                rows.append(result)
     rows.sort(key=lambda r: r["path"])
     for candidate_rel in {r["source_file"] for r in rows}:
         skipped.pop(candidate_rel, None)
@@ -286,6 +324,7 @@ def _describe(config: PrepareConfig, source: sources.ResolvedSource, found: Foun
     if missing:
         LOG.warning("splits missing a class (cohort too small?): %s", missing)
     reasons = Counter(skipped.values())
+    channels = 3 if settings.context_mm else 1
     return {
         "source": source.description,
         "synthetic": source.kind == "synthetic",
@@ -299,7 +338,8 @@ def _describe(config: PrepareConfig, source: sources.ResolvedSource, found: Foun
         "window": {"center_hu": settings.window_center_hu, "width_hu": settings.window_width_hu},
         "image_size": config.image_size_px,
         "view": settings.view,
-        "channels": 1, "channel_order": list(contract.CHANNEL_ORDERS[1]), "context_mm": 0.0,
+        "channels": channels, "channel_order": list(contract.CHANNEL_ORDERS[channels]),
+        "context_mm": float(settings.context_mm),
         "patch_mm": config.patch_mm if settings.view == "patch" else None,
         "seed": config.seed,
         "split_fractions": dict(zip(contract.SPLITS, config.split_fractions, strict=True)),
