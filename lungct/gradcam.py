@@ -14,6 +14,15 @@ Both maps are upsampled to the image size by half-pixel-centred bilinear interpo
 (OpenCV ``INTER_LINEAR``, as ``keras.ops.image.resize``) and divided by their maximum per
 image; a map with no positive value is all zero, never NaN. The gradients come from
 ``lungct.backend.make_logit_and_feature_grads`` (compiled once per model and batch shape).
+
+A fold ensemble (training ``--folds K``: nested member models ``fold0`` .. ``fold{K-1}``, each
+a classifier truncated at its ``logit`` layer, feeding the ``Average`` layer ``mean_logit``;
+found by ``lungct.modelio.ensemble_members``, the one place that knows that structure) is
+explained member by member: each member's map at its own layer with its own logit as the
+score, normalised as above, then the mean of the K maps (in [0, 1]; its maximum is below 1
+where the members' peaks differ). The temperature of calibration (``Rescaling(1/T)`` named
+``temperature``, after the logit) divides the logit by a positive constant and so leaves the
+normalised maps unchanged; it only enters the probabilities.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ from tqdm import tqdm
 
 from lungct.backend import make_logit_and_feature_grads
 from lungct.contract import CAM_METHODS
+from lungct.modelio import LOGIT_LAYER, TEMPERATURE_LAYER, ensemble_members, is_ensemble
 
 __all__ = [
     "TARGETS",
@@ -37,6 +47,7 @@ __all__ = [
     "CamResult",
     "GradCam",
     "class_activation_maps",
+    "probability_of_logits",
     "upsample_and_normalise",
     "convolutional_layer_names",
     "resolve_target_layer",
@@ -46,7 +57,6 @@ __all__ = [
 LOG = logging.getLogger(__name__)
 
 TARGETS = {"positive": 1.0, "negative": -1.0}
-LOGIT_LAYER = "logit"
 BASELINE_LAST_BLOCK = "last_conv"
 CONV_TYPES = (layers.Conv2D, layers.SeparableConv2D, layers.DepthwiseConv2D)
 NOT_A_BLOCK_OUTPUT = (
@@ -70,14 +80,31 @@ class TargetLayer:
 
 @dataclass(frozen=True)
 class CamResult:
-    """Maps (N, H, W) float32 in [0, 1] and the pre-sigmoid logits (N,) of the same pass."""
+    """Maps (N, H, W) float32 in [0, 1] and the logits (N,) of the same pass (before the
+    temperature and the sigmoid; an ensemble's is the mean of its members' logits, and
+    ``member_maps`` holds each member's maps, in fold order)."""
 
     maps: np.ndarray
     logits: np.ndarray
+    member_maps: tuple[np.ndarray, ...] = ()
 
 
 def _nested_models(model: keras.Model) -> list[keras.Model]:
     return [layer for layer in model.layers if isinstance(layer, keras.Model)]
+
+
+def probability_of_logits(model: keras.Model, logits: np.ndarray) -> np.ndarray:
+    """The model's probabilities from its logits: sigmoid(logit / T) with the scale and
+    offset of its ``temperature`` Rescaling layer (T = 1 when it has none)."""
+    scale, offset = 1.0, 0.0
+    if TEMPERATURE_LAYER in {layer.name for layer in model.layers}:
+        temperature = model.get_layer(TEMPERATURE_LAYER)
+        if not isinstance(temperature, layers.Rescaling):
+            raise ValueError(f"layer {TEMPERATURE_LAYER!r} of model {model.name!r} is a "
+                             f"{type(temperature).__name__}, not Rescaling(1/T)")
+        scale, offset = float(temperature.scale), float(temperature.offset)
+    scaled = np.asarray(logits, np.float64) * scale + offset
+    return 1.0 / (1.0 + np.exp(-scaled))
 
 
 def _is_feature_map(layer: layers.Layer) -> bool:
@@ -91,12 +118,12 @@ def _is_feature_map(layer: layers.Layer) -> bool:
 
 
 def convolutional_layer_names(model: keras.Model) -> list[str]:
-    """Qualified names of every convolution layer, nested backbones included."""
+    """Qualified names of every convolution layer, nested models (backbones, fold members)
+    included: ``block4_conv``, ``vgg16/block5_conv3``, ``fold0/vgg16/block5_conv3``."""
     names = []
     for layer in model.layers:
         if isinstance(layer, keras.Model):
-            names += [f"{layer.name}/{inner.name}" for inner in layer.layers
-                      if isinstance(inner, CONV_TYPES)]
+            names += [f"{layer.name}/{inner}" for inner in convolutional_layer_names(layer)]
         elif isinstance(layer, CONV_TYPES):
             names.append(layer.name)
     return names
@@ -125,9 +152,13 @@ def resolve_target_layer(model: keras.Model, layer_name: str | None) -> TargetLa
             (baseline: ``last_conv``; VGG16: ``block5_conv3``; ResNet50: ``conv5_block3_out``).
 
     Raises:
-        ValueError: the name matches no layer (the message lists the convolutional layers),
-            or the layer's output is not a 4-D feature map.
+        ValueError: the model is a fold ensemble (resolve the layer in each of
+            ``lungct.modelio.ensemble_members``), the name matches no layer (the message lists
+            the convolutional layers), or the layer's output is not a 4-D feature map.
     """
+    if is_ensemble(model):
+        raise ValueError(f"model {model.name!r} is a fold ensemble: its layers are resolved "
+                         "in each member")
     if layer_name is None:
         return _default_target(model)
     short = layer_name.split("/")[-1]
@@ -243,8 +274,12 @@ def upsample_and_normalise(cams: np.ndarray, image_hw: tuple[int, int]) -> np.nd
 class GradCam:
     """Grad-CAM / Grad-CAM++ for one model and layer, compiled once, applied in batches.
 
+    For a fold ensemble (``lungct.modelio.ensemble_members``) one GradCam per member, each at
+    the member's layer (``layer_name`` resolved in every member, None for each member's
+    default) with the member's own logit as the score; :meth:`explain` averages their maps.
+
     Args:
-        model: classifier with a uint8 (H, W, 1) input and a ``logit`` layer.
+        model: classifier with a uint8 (H, W, C) input and a ``logit`` layer, or an ensemble.
         layer_name: explained layer (see ``resolve_target_layer``); None for the default.
         method: ``gradcam`` or ``gradcam++``.
     """
@@ -255,15 +290,25 @@ class GradCam:
             raise ValueError(f"method must be one of {tuple(CAM_METHODS)}, got {method!r}")
         self.model = model
         self.method = method
+        self.image_shape = tuple(int(d) for d in model.input.shape[1:])
+        self.members = ([GradCam(member, layer_name, method)
+                         for member in ensemble_members(model)] if is_ensemble(model) else [])
+        self.target: TargetLayer | None = None
+        if self.members:
+            self.feature_hw = min((m.feature_hw for m in self.members),
+                                  key=lambda hw: hw[0] * hw[1])
+            return
         self.target = resolve_target_layer(model, layer_name)
         feature, head = split_model(model, self.target)
-        self.image_shape = tuple(int(d) for d in model.input.shape[1:])
         self.feature_hw = tuple(int(d) for d in feature.output.shape[1:3])
         self._gradients = make_logit_and_feature_grads(feature, head)
 
     @property
     def layer_name(self) -> str:
-        """Qualified name of the explained layer."""
+        """Qualified name of the explained layer; for an ensemble each member's, joined by
+        ``, `` (``fold0/last_conv, fold1/last_conv``)."""
+        if self.members:
+            return ", ".join(f"{m.model.name}/{m.layer_name}" for m in self.members)
         return self.target.name
 
     def _check_images(self, images: np.ndarray) -> np.ndarray:
@@ -280,7 +325,7 @@ class GradCam:
         """Maps and logits for a batch of images, computed ``batch_size`` at a time.
 
         Args:
-            images: uint8 (N, H, W, 1) or (N, H, W), as the saved model takes them.
+            images: uint8 (N, H, W, C), or (N, H, W) for one channel, as the model takes them.
             target: ``positive`` explains the logit, ``negative`` its negation.
             batch_size: images per compiled call.
             progress: show a tqdm bar.
@@ -290,6 +335,11 @@ class GradCam:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         images = self._check_images(images)
+        if self.members:
+            results = [m.explain(images, target, batch_size, progress) for m in self.members]
+            return CamResult(np.mean([r.maps for r in results], axis=0).astype(np.float32),
+                             np.mean([r.logits for r in results], axis=0).astype(np.float32),
+                             tuple(r.maps for r in results))
         maps, logits = [], []
         starts = range(0, len(images), batch_size)
         for start in tqdm(starts, desc="Grad-CAM", unit="batch", disable=not progress):

@@ -12,9 +12,20 @@ import cv2
 import keras
 import numpy as np
 import pytest
-from interpret_fixtures import gap_model, make_baseline_model, resnet_like_model, vgg_like_model
+from interpret_fixtures import (
+    ensemble_model,
+    gap_model,
+    make_baseline_model,
+    resnet_like_model,
+    vgg_like_model,
+)
 
-from lungct.gradcam import GradCam, resolve_target_layer
+from lungct.gradcam import (
+    GradCam,
+    convolutional_layer_names,
+    probability_of_logits,
+    resolve_target_layer,
+)
 from lungct.interpret.cam_checks import (
     dilation_radius_px,
     energy_in_masks,
@@ -23,6 +34,7 @@ from lungct.interpret.cam_checks import (
     rank_correlations,
     top_block_layers,
 )
+from lungct.modelio import ensemble_members
 
 SIZE = 32
 REPO = Path(__file__).resolve().parents[1]
@@ -276,3 +288,73 @@ def test_gradcam_maps_are_resized_like_opencv(images):
                         for c in cams])
     np.testing.assert_allclose(
         grad_cam(model, images) * resized.max(axis=(1, 2), keepdims=True), resized, atol=1e-5)
+
+
+def test_ensemble_map_is_the_mean_of_member_maps(images, tmp_path):
+    """After a safe-mode save and load, the ensemble's map is the mean of each member's map
+    at its own last_conv with its own logit, and its logit the members' mean."""
+    ensemble_model(SIZE).save(tmp_path / "ensemble.keras")
+    model = keras.models.load_model(tmp_path / "ensemble.keras", compile=False, safe_mode=True)
+    cam = GradCam(model)
+    assert cam.layer_name == "fold0/last_conv, fold1/last_conv"
+    assert cam.target is None and cam.feature_hw == (16, 16)
+    result = cam.explain(images)
+    assert [m.model.name for m in cam.members] == ["fold0", "fold1"]
+    members = [GradCam(m).explain(images) for m in ensemble_members(model)]
+    np.testing.assert_allclose(result.maps, (members[0].maps + members[1].maps) / 2, atol=1e-6)
+    np.testing.assert_allclose(result.member_maps[1], members[1].maps, atol=1e-6)
+    mean_logit = keras.Model(model.input, model.get_layer("mean_logit").output)
+    np.testing.assert_allclose(result.logits, mean_logit.predict(images, verbose=0)[:, 0],
+                               atol=1e-5)
+    assert not np.allclose(members[0].maps, members[1].maps)
+
+
+def test_ensemble_of_three_channel_members_takes_rgb_images():
+    """Members of a 3-channel ensemble take uint8 (N, S, S, 3); one channel is refused."""
+    cam = GradCam(ensemble_model(SIZE, channels=3))
+    rgb = np.random.default_rng(1).integers(0, 256, (2, SIZE, SIZE, 3)).astype(np.uint8)
+    assert cam.explain(rgb).maps.shape == (2, SIZE, SIZE)
+    with pytest.raises(ValueError, match=r"images must be uint8 of shape \(N, \*\(32, 32, 3\)\)"):
+        cam.explain(rgb[..., :1])
+
+
+def test_ensemble_layer_is_resolved_per_member():
+    """A layer name given for an ensemble is looked up in every member; the ensemble itself
+    has no single target layer."""
+    model = ensemble_model(SIZE)
+    assert GradCam(model, "block1_conv").layer_name == "fold0/block1_conv, fold1/block1_conv"
+    with pytest.raises(ValueError, match="'ensemble' is a fold ensemble"):
+        resolve_target_layer(model, None)
+    assert "fold1/block2_conv" in convolutional_layer_names(model)
+
+
+def test_probabilities_apply_the_temperature(images):
+    """probability_of_logits reproduces the saved model's output: sigmoid(logit / T)."""
+    model = ensemble_model(SIZE, temperature=2.5)
+    logits = GradCam(model).explain(images).logits
+    np.testing.assert_allclose(probability_of_logits(model, logits),
+                               model.predict(images, verbose=0)[:, 0], atol=1e-5)
+    plain = make_baseline_model(SIZE)
+    np.testing.assert_allclose(probability_of_logits(plain, np.array([0.0, np.log(3.0)])),
+                               [0.5, 0.75])
+
+
+def test_ensemble_of_nested_backbones_survives_save_and_load(images, tmp_path):
+    """Members that nest a VGG-like backbone are explained at fold<k>/vgg16/block2_conv2,
+    after a safe-mode save and load, and each member's top block is found inside its
+    backbone."""
+    members = []
+    for k in range(2):
+        classifier = vgg_like_model(seed=k)
+        members.append(keras.Model(classifier.input, classifier.get_layer("logit").output,
+                                   name=f"fold{k}"))
+    inputs = keras.Input((SIZE, SIZE, 1), dtype="uint8", name="image")
+    mean_logit = keras.layers.Average(name="mean_logit")([m(inputs) for m in members])
+    keras.Model(inputs, keras.layers.Activation("sigmoid", name="probability")(mean_logit)
+                ).save(tmp_path / "ensemble.keras")
+    model = keras.models.load_model(tmp_path / "ensemble.keras", compile=False, safe_mode=True)
+    cam = GradCam(model)
+    assert cam.layer_name == "fold0/vgg16/block2_conv2, fold1/vgg16/block2_conv2"
+    assert cam.explain(images).maps.shape == (len(images), SIZE, SIZE)
+    chosen = top_block_layers(cam.members[1].model, cam.members[1].target)
+    assert [layer.name for layer in chosen] == ["block2_conv2", "logit"]

@@ -43,6 +43,31 @@ def test_baseline_follows_the_input_and_output_contract() -> None:
     assert "resize" not in [layer.name for layer in model.layers]
 
 
+def test_probability_is_the_sigmoid_of_the_logit_over_a_unit_temperature() -> None:
+    """logit -> Rescaling(1, "temperature") -> sigmoid; the temperature is set on selection."""
+    model = models.build_model("baseline", 32, 32)
+    temperature = model.get_layer("temperature")
+    assert isinstance(temperature, keras.layers.Rescaling)
+    assert (temperature.scale, temperature.offset) == (1.0, 0.0)
+    assert temperature.dtype_policy.compute_dtype == "float32"
+    assert [layer.name for layer in model.layers][-3:] == ["logit", "temperature", "probability"]
+
+
+def test_vgg16_takes_three_planes_as_its_bgr_channels() -> None:
+    """3 channels: no grey-to-RGB copy; the planes z-D, z, z+D lose the B, G, R means."""
+    model = models.build_model("vgg16", 32, 32, channels=3)
+    names = [layer.name for layer in model.layers]
+    assert tuple(model.input.shape) == (None, 32, 32, 3) and model.input.dtype == "uint8"
+    assert "to_rgb" not in names and "vgg16" in names
+    normalization = model.get_layer("imagenet_normalization")
+    planes = np.array([[[[10, 20, 30]]]], dtype=np.float32)
+    assert np.allclose(normalization(planes), planes - np.array(models.IMAGENET_BGR_MEAN))
+    images = np.random.default_rng(1).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    assert model.predict(images, verbose=0).shape == (2, 1)
+    with pytest.raises(ValueError, match="channels must be 1 or 3, got 2"):
+        models.build_model("baseline", 32, 32, channels=2)
+
+
 def test_baseline_outputs_probabilities_for_uint8_images() -> None:
     """Predictions are (N, 1) in [0, 1] for uint8 input."""
     model = models.build_model("baseline", 32, 32)

@@ -17,17 +17,22 @@ from test_train_image_cache import write_tiny_dataset
 import training_lung_cnn
 from lungct import contract
 from lungct.errors import UserError
+from lungct.modelio import load_classifier, logit_model
 from lungct.threshold import youden_threshold
 from lungct.train import loop as trainloop
 from lungct.train import models, phases
 from lungct.train import stage as train
 from lungct.train.augment import AugmentationRanges, DeviceAugmentation
+from lungct.train.calibration import binary_log_loss, sigmoid
 from lungct.train.config import TrainConfig, resolve_config
+from lungct.train.image_cache import load_split
 
 CONTRACT_KEYS = {
     "class_names",
     "best_model",
+    "selection",
     "threshold",
+    "calibration",
     "models",
     "validation",
     "test",
@@ -48,6 +53,7 @@ MODEL_KEYS = {
     "test",
 }
 BLOCK_KEYS = {"paths", "patient_ids", "y_true", "y_prob"}
+CALIBRATED_BLOCK_KEYS = BLOCK_KEYS | {"y_prob_uncalibrated"}
 CLI_EPOCHS = 2
 
 
@@ -111,7 +117,10 @@ def test_cli_writes_the_training_contract(cli_run: tuple[Path, Path, dict]) -> N
         "h5": "lung_cancer_cnn_enhanced.h5",
         "keras": "lung_cancer_cnn_enhanced.keras",
     }
-    assert results["threshold"]["rule"] == "youden_j_on_validation"
+    assert results["threshold"]["rule"] == "youden_j_on_calibrated_validation"
+    assert results["models"]["baseline"]["model_path"] == "lung_cancer_cnn_enhanced.keras"
+    assert results["models"]["baseline"]["grad_cam_layer"] == "last_conv"
+    assert "cross_validation" not in results
 
 
 def test_results_record_predictions_for_every_image(cli_run: tuple[Path, Path, dict]) -> None:
@@ -119,7 +128,7 @@ def test_results_record_predictions_for_every_image(cli_run: tuple[Path, Path, d
     dataset, _, results = cli_run
     for key in ("validation", "test"):
         block = results[key]
-        assert set(block) == BLOCK_KEYS
+        assert set(block) == CALIBRATED_BLOCK_KEYS
         assert len(block["paths"]) == len(block["y_prob"]) == 12
         assert sorted(block["y_true"]) == [0] * 6 + [1] * 6
         assert all((dataset / path).is_file() for path in block["paths"])
@@ -133,6 +142,7 @@ def test_results_record_configuration_and_environment(cli_run: tuple[Path, Path,
     config = results["config"]
     assert config["preset"] == "quick"
     assert (config["image_size"], config["train_size"], config["seed"]) == (32, 32, 3)
+    assert (config["folds"], config["channels"]) == (1, 1)
     assert config["dataset_dir"] == str(dataset.resolve())
     assert results["environment"]["backend"] == keras.backend.backend()
     assert results["environment"]["devices"]
@@ -182,6 +192,34 @@ def test_saved_models_load_without_lungct_and_reproduce_probabilities(
     assert found["lungct_imported"] is False
     for kind in ("h5", "keras"):
         assert np.allclose(found[kind], results["test"]["y_prob"], atol=1e-6)
+
+
+def test_selected_model_carries_the_temperature_fitted_on_validation(
+    cli_run: tuple[Path, Path, dict],
+) -> None:
+    """T minimises the validation log loss; the selected file has it, runs/ keeps T = 1."""
+    dataset, out, results = cli_run
+    calibration = results["calibration"]
+    assert calibration["method"] == "temperature scaling (Guo et al. 2017)"
+    assert calibration["fitted_on"] == "validation logits"
+    assert calibration["n"] == 12
+    assert calibration["val_log_loss_after"] <= calibration["val_log_loss_before"]
+    manifest = contract.read_manifest(dataset)
+    test_images = load_split(dataset, manifest, "test").images
+    selected = load_classifier(out / "lung_cancer_cnn_enhanced.keras", 32, "a test")
+    uncalibrated = load_classifier(out / "runs/baseline/model.keras", 32, "a test")
+    assert selected.get_layer("temperature").scale == pytest.approx(
+        1 / calibration["temperature"])
+    assert uncalibrated.get_layer("temperature").scale == 1.0
+    logits = logit_model(uncalibrated).predict(test_images, verbose=0)[:, 0]
+    assert np.allclose(results["test"]["y_prob"], sigmoid(logits, calibration["temperature"]),
+                       atol=1e-6)
+    assert np.allclose(results["test"]["y_prob_uncalibrated"],
+                       uncalibrated.predict(test_images, verbose=0)[:, 0], atol=1e-6)
+    assert binary_log_loss(logit_model(uncalibrated).predict(
+        load_split(dataset, manifest, "val").images, verbose=0)[:, 0],
+        results["validation"]["y_true"], calibration["temperature"]) == pytest.approx(
+        calibration["val_log_loss_after"], abs=1e-5)
 
 
 def test_same_seed_reproduces_the_run(cli_run: tuple[Path, Path, dict], tmp_path: Path) -> None:
@@ -314,6 +352,36 @@ def test_transfer_models_below_32_px_are_a_user_error(tmp_path: Path) -> None:
         UserError, match="vgg16, resnet50 need --train-size 32 or more, got 16"
     ):
         train.run(config)
+
+
+def _as_three_channels(dataset: Path) -> Path:
+    """Rewrite a one-channel dataset as 2.5D: planes (z-D, z, z+D) = rows shifted by -1, 0, 1."""
+    for relative in contract.read_manifest(dataset)["path"]:
+        grey = contract.read_png(dataset / relative)
+        planes = np.stack([np.roll(grey, -1, 0), grey, np.roll(grey, 1, 0)], axis=-1)
+        (dataset / relative).write_bytes(contract.encode_png(planes))
+    info = contract.read_dataset_info(dataset)
+    contract.write_dataset_info(dataset, {**info, "channels": 3, "context_mm": 2.5,
+                                          "channel_order": list(contract.CHANNEL_ORDERS[3])})
+    return dataset
+
+
+def test_three_channel_dataset_trains_a_three_channel_model(tmp_path: Path) -> None:
+    """dataset.json channels 3: RGB planes in, (S, S, 3) uint8 model, recorded in config."""
+    dataset = _as_three_channels(
+        write_tiny_dataset(tmp_path / "output_dataset", {"train": 8, "val": 4, "test": 4}))
+    loaded = train.load_dataset(dataset)
+    assert loaded.channels == 3 and loaded.train.images.shape == (16, 32, 32, 3)
+    first = contract.read_png(dataset / loaded.train.paths[0], channels=3)
+    assert np.array_equal(loaded.train.images[0], first)
+    assert np.array_equal(first[..., 0], np.roll(first[..., 1], -1, 0))
+    results = train.run(TrainConfig(dataset_dir=dataset, out_dir=tmp_path / "out",
+                                    models=("baseline",), epochs=1, batch_size=8,
+                                    progress="none"))
+    assert results["config"]["channels"] == 3
+    model = load_classifier(tmp_path / "out/lung_cancer_cnn_enhanced.h5", 32, "a test", 3)
+    assert model.predict(loaded.test.images, verbose=0)[:, 0] == pytest.approx(
+        results["test"]["y_prob"], abs=1e-6)
 
 
 def test_tracker_restores_the_best_validation_auc_weights(tmp_path: Path) -> None:

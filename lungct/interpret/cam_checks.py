@@ -27,7 +27,8 @@ import numpy as np
 from keras.initializers import Initializer
 from scipy.stats import rankdata
 
-from lungct.gradcam import CONV_TYPES, LOGIT_LAYER, TargetLayer
+from lungct.gradcam import CONV_TYPES, TargetLayer
+from lungct.modelio import LOGIT_LAYER
 
 __all__ = [
     "PLATEAU_TOLERANCE",

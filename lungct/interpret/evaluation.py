@@ -1,7 +1,7 @@
 """Scores of the interpretation stage: every model at slice, nodule and patient level.
 
 Units per level (a nodule's and a patient's score is the maximum of their slices'), the
-selected model's metrics with patient-level bootstrap CIs and calibration, every model's
+selected model's metrics with patient-level bootstrap CIs, every model's
 test AUC and its paired difference with the selected one, the no-pixel diameter baseline
 scored on the same samples, and the provenance of the numbers.
 """
@@ -15,20 +15,19 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from lungct.contract import check_prediction_block
+from lungct.contract import CHANNEL_ORDERS, check_prediction_block, dataset_channels
 from lungct.errors import UserError
 from lungct.interpret.baseline import fit_diameter_baseline
 from lungct.metrics import (
     LevelData,
-    calibration_bins,
     evaluate_level,
     paired_auc_difference,
     summarise,
 )
 from lungct.threshold import youden_threshold
 
-__all__ = ["LEVEL_DEFINITIONS", "build_levels", "evaluate_levels", "calibration_block",
-           "compare_models", "metadata_baseline", "provenance"]
+__all__ = ["LEVEL_DEFINITIONS", "build_levels", "evaluate_levels", "compare_models",
+           "metadata_baseline", "provenance"]
 
 LOG = logging.getLogger(__name__)
 
@@ -73,17 +72,11 @@ def _level(name: str, table: pd.DataFrame, patients: pd.Index) -> LevelData:
 
 
 def evaluate_levels(levels: dict[str, LevelData], threshold: float | None,
-              counts: np.ndarray) -> dict[str, dict]:
-    return {name: {**evaluate_level(level, threshold, counts, wilson=name == "patient_level",
-                                    calibration=name == "slice_level"),
+                    counts: np.ndarray) -> dict[str, dict]:
+    """The selected model's level blocks (Wilson intervals at patient level)."""
+    return {name: {**evaluate_level(level, threshold, counts, wilson=name == "patient_level"),
                    "definition": LEVEL_DEFINITIONS[name]}
             for name, level in levels.items()}
-
-
-def calibration_block(slice_block: dict, slice_level: LevelData) -> dict:
-    """Move Brier and ECE out of the slice-level block into the calibration block."""
-    return {**{k: slice_block.pop(k) for k in ("brier", "ece")}, "level": "slice_level",
-            "n_bins": 10, "bins": calibration_bins(slice_level.y_true, slice_level.y_prob)}
 
 
 def _aligned_probabilities(block: Any, paths: pd.Series) -> np.ndarray | None:
@@ -182,9 +175,12 @@ def provenance(dataset_info: dict, manifest: pd.DataFrame, results: dict,
         splits[str(split)] = {"patients": int(rows["patient_id"].nunique()),
                               "images": int(len(rows)), "cancer": int((labels == 1).sum()),
                               "non_cancer": int((labels == 0).sum())}
+    channels = dataset_channels(dataset_info)
     return {
         "source": source, "synthetic": source.startswith("synthetic"),
-        "dataset_dir": str(dataset_dir),
+        "dataset_dir": str(dataset_dir), "label_source": dataset_info.get("label_source"),
+        "channels": channels, "channel_order": list(CHANNEL_ORDERS[channels]),
+        "context_mm": dataset_info.get("context_mm"),
         "label_rule": dataset_info.get("label_rule"), "view": dataset_info.get("view"),
         "series": dataset_info.get("series"),
         "image_size": results["config"].get("image_size"), "splits": splits,

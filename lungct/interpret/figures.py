@@ -1,6 +1,7 @@
 """Figures of the report (matplotlib, Agg backend: files only, never a window).
 
-Each function draws one PNG from computed numbers and writes it atomically.
+Each function draws one PNG from computed numbers and writes it atomically. Images with
+2.5D context (3 channels: planes z-D, z, z+D) are shown by their centre plane, in grey.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
 from sklearn.metrics import precision_recall_curve, roc_curve  # noqa: E402
 
+from lungct.contract import CENTRE_CHANNEL  # noqa: E402
 from lungct.fileio import atomic_path  # noqa: E402
 from lungct.interpret.weakness import OUTCOMES  # noqa: E402
 from lungct.metrics import LevelData  # noqa: E402
@@ -27,6 +29,7 @@ __all__ = [
     "plot_pr_curves",
     "plot_calibration",
     "plot_gallery",
+    "centre_plane",
     "overlay_image",
     "write_overlay",
 ]
@@ -148,13 +151,21 @@ def plot_pr_curves(levels: dict[str, LevelData], evaluation: dict[str, dict],
 
 
 def plot_calibration(level: LevelData, bins: list[dict], calibration: dict, path: Path) -> Path:
-    """Reliability diagram (10 equal-width bins) above a histogram of the probabilities."""
+    """Reliability diagram (10 equal-width bins; before and after temperature scaling when the
+    model was scaled) above a histogram of the probabilities."""
     figure, (top, bottom) = plt.subplots(
         2, 1, figsize=(5, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     filled = [b for b in bins if b["n"]]
     top.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfect calibration")
+    scaled = calibration.get("temperature") is not None
     top.plot([b["mean_predicted"] for b in filled], [b["observed_rate"] for b in filled], "o-",
-             color="tab:blue", label="observed cancer rate per bin")
+             color="tab:blue", label="observed cancer rate per bin"
+             + (f" (after temperature scaling, T={calibration['temperature']:.2f})"
+                if scaled else ""))
+    if scaled:
+        before = [b for b in calibration["before"]["bins"] if b["n"]]
+        top.plot([b["mean_predicted"] for b in before], [b["observed_rate"] for b in before],
+                 "s--", color="tab:orange", alpha=0.8, label="before temperature scaling")
     top.set_ylabel("observed cancer rate")
     top.set_ylim(-0.02, 1.02)
     top.set_title(f"slice level: Brier {_ci_text(calibration['brier'])}\n"
@@ -172,6 +183,18 @@ def plot_calibration(level: LevelData, bins: list[dict], calibration: dict, path
     return _save(figure, path)
 
 
+def centre_plane(image: np.ndarray) -> np.ndarray:
+    """The (H, W) uint8 plane at the sample's z: the image itself when 2-D, else the channel
+    ``contract.CENTRE_CHANNEL`` names for its channel count (G of a z-D, z, z+D image)."""
+    if image.ndim == 2:
+        return image.astype(np.uint8)
+    channels = image.shape[-1]
+    if image.ndim != 3 or channels not in CENTRE_CHANNEL:
+        raise ValueError(f"an image is (H, W) or (H, W, C) with C in {sorted(CENTRE_CHANNEL)}, "
+                         f"got shape {image.shape}")
+    return image[..., CENTRE_CHANNEL[channels]].astype(np.uint8)
+
+
 def _display_scale(side_px: int) -> int:
     """Integer enlargement that brings an image side to at least 256 px."""
     return max(1, int(np.ceil(OVERLAY_MIN_SIDE_PX / side_px)))
@@ -179,7 +202,8 @@ def _display_scale(side_px: int) -> int:
 
 def overlay_image(image: np.ndarray, cam: np.ndarray, mask: np.ndarray | None,
                   side_px: int | None = None) -> np.ndarray:
-    """RGB uint8: the map (jet, 40%) over the grayscale image, the ROI outlined in green.
+    """RGB uint8: the map (jet, 40%) over the image's centre plane in grey, the ROI outlined
+    in green.
 
     Image and map are enlarged (nearest neighbour, so pixels stay visible) to ``side_px``,
     by default an integer factor reaching at least 256 px, before the 1-px outline is
@@ -190,7 +214,7 @@ def overlay_image(image: np.ndarray, cam: np.ndarray, mask: np.ndarray | None,
     def enlarge(array: np.ndarray) -> np.ndarray:
         return cv2.resize(array, (side_px, side_px), interpolation=cv2.INTER_NEAREST)
 
-    gray = cv2.cvtColor(enlarge(image.squeeze().astype(np.uint8)), cv2.COLOR_GRAY2BGR)
+    gray = cv2.cvtColor(enlarge(centre_plane(image)), cv2.COLOR_GRAY2BGR)
     heat = cv2.applyColorMap(enlarge(np.round(cam * 255).astype(np.uint8)), cv2.COLORMAP_JET)
     blended = cv2.addWeighted(gray, 0.6, heat, 0.4, 0)
     if mask is not None and mask.any():
@@ -202,9 +226,9 @@ def overlay_image(image: np.ndarray, cam: np.ndarray, mask: np.ndarray | None,
 
 def write_overlay(path: Path, image: np.ndarray, cam: np.ndarray,
                   mask: np.ndarray | None) -> Path:
-    """Write image | overlay side by side, enlarged to >= 256 px high."""
+    """Write centre plane | overlay side by side, enlarged to >= 256 px high."""
     scale = _display_scale(image.shape[0])
-    gray = cv2.resize(image.squeeze().astype(np.uint8), None, fx=scale, fy=scale,
+    gray = cv2.resize(centre_plane(image), None, fx=scale, fy=scale,
                       interpolation=cv2.INTER_NEAREST)
     pair = np.concatenate([cv2.cvtColor(gray, cv2.COLOR_GRAY2RGB),
                            overlay_image(image, cam, mask)], axis=1)
@@ -220,7 +244,7 @@ def _tile(example: dict | None, side_px: int) -> np.ndarray:
     """image | overlay for one example, each ``side_px`` square; white when absent."""
     if example is None:
         return np.full((side_px, 2 * side_px, 3), 255, np.uint8)
-    gray = cv2.cvtColor(example["image"].squeeze().astype(np.uint8), cv2.COLOR_GRAY2RGB)
+    gray = cv2.cvtColor(centre_plane(example["image"]), cv2.COLOR_GRAY2RGB)
     pair = [cv2.resize(gray, (side_px, side_px), interpolation=cv2.INTER_NEAREST),
             overlay_image(example["image"], example["map"], example["mask"], side_px)]
     return np.concatenate(pair, axis=1)

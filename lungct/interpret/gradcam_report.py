@@ -3,7 +3,10 @@
 Localisation uses the test images that carry an ROI mask, all of them or a seeded draw
 stratified by class; the gallery adds the most confident true/false positives/negatives of
 the whole test split. Both sets go through one batched, compiled Grad-CAM pass, then a second
-pass with the head and top block re-initialised for the randomisation check.
+pass with the head and top block re-initialised for the randomisation check. A fold ensemble's
+map is the mean of its members' (``lungct.gradcam``); its randomisation check runs per member
+(that member's head and top block re-initialised, its own maps compared) and pools the
+members' correlations. Overlays show the image's centre plane (``contract.CENTRE_CHANNEL``).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import pandas as pd
 
 from lungct.contract import CAM_METHODS
 from lungct.errors import UserError
-from lungct.gradcam import GradCam
+from lungct.gradcam import CamResult, GradCam, probability_of_logits
 from lungct.interpret.cam_checks import (
     randomised_weights,
     rank_correlations,
@@ -69,34 +72,52 @@ def _localisation(maps: np.ndarray, masks: np.ndarray, frame: pd.DataFrame) -> d
                                                      masks[true_positive])}
 
 
-def _randomisation(cam: GradCam, images: np.ndarray, maps: np.ndarray,
-                   settings: CamSettings) -> dict:
-    """Median Spearman correlation of trained vs re-initialised maps (Adebayo et al. 2018)."""
+def _statement(median: float | None, names: list[str]) -> str:
+    if median is None:
+        return ("undefined: every map of the trained or the re-initialised model is constant")
+    if median >= RANDOMISATION_LIMIT:
+        return (f"The maps barely depend on the learned weights: after re-initialising "
+                f"{', '.join(names)}, the median Spearman rank correlation with the trained "
+                f"model's maps is {median:.2f} (>= {RANDOMISATION_LIMIT}).")
+    return (f"After re-initialising {', '.join(names)}, the median Spearman rank correlation "
+            f"with the trained model's maps is {median:.2f} (< {RANDOMISATION_LIMIT}): the "
+            "maps change when the learned weights are removed.")
+
+
+def _summary(rho: np.ndarray, names: list[str]) -> dict:
+    """The check's block from per-image correlations and the re-initialised layers."""
+    defined = rho[np.isfinite(rho)]
+    median = float(np.median(defined)) if defined.size else None
+    return {"reinitialised_layers": names, "n_images": int(len(rho)),
+            "n_defined": int(defined.size), "threshold": RANDOMISATION_LIMIT,
+            "median_spearman": median, "statement": _statement(median, names),
+            "maps_barely_depend_on_weights": None if median is None
+            else median >= RANDOMISATION_LIMIT}
+
+
+def _member_correlations(cam: GradCam, images: np.ndarray, maps: np.ndarray,
+                         settings: CamSettings) -> tuple[np.ndarray, list[str]]:
+    """Spearman rho of trained vs re-initialised maps of one single model, and the layers."""
     chosen = top_block_layers(cam.model, cam.target)
     with randomised_weights(chosen, settings.seed) as names:
         random_maps = cam.explain(images, batch_size=settings.batch_size).maps
-    rho = rank_correlations(maps, random_maps)
-    defined = rho[np.isfinite(rho)]
-    block = {"reinitialised_layers": names, "n_images": int(len(maps)),
-             "n_defined": int(defined.size), "threshold": RANDOMISATION_LIMIT,
-             "median_spearman": float(np.median(defined)) if defined.size else None}
-    if block["median_spearman"] is None:
-        block["statement"] = ("undefined: every map of the trained or the re-initialised model "
-                              "is constant")
-    elif block["median_spearman"] >= RANDOMISATION_LIMIT:
-        block["statement"] = (
-            f"The maps barely depend on the learned weights: after re-initialising "
-            f"{', '.join(names)}, the median Spearman rank correlation with the trained "
-            f"model's maps is {block['median_spearman']:.2f} (>= {RANDOMISATION_LIMIT}).")
-    else:
-        block["statement"] = (
-            f"After re-initialising {', '.join(names)}, the median Spearman rank correlation "
-            f"with the trained model's maps is {block['median_spearman']:.2f} "
-            f"(< {RANDOMISATION_LIMIT}): the maps change when the learned weights are removed.")
-    block["maps_barely_depend_on_weights"] = (
-        None if block["median_spearman"] is None
-        else block["median_spearman"] >= RANDOMISATION_LIMIT)
-    return block
+    return rank_correlations(maps, random_maps), names
+
+
+def _randomisation(cam: GradCam, images: np.ndarray, result: CamResult,
+                   settings: CamSettings) -> dict:
+    """Median Spearman correlation of trained vs re-initialised maps (Adebayo et al. 2018);
+    for an ensemble per member (``members``) and pooled over the members' images."""
+    if not cam.members:
+        return _summary(*_member_correlations(cam, images, result.maps, settings))
+    members, pooled, pooled_names = {}, [], []
+    for member, member_maps in zip(cam.members, result.member_maps, strict=True):
+        rho, names = _member_correlations(member, images, member_maps, settings)
+        members[member.model.name] = _summary(rho, names)
+        pooled.append(rho)
+        pooled_names += [f"{member.model.name}/{name}" for name in names]
+    return {**_summary(np.concatenate(pooled), pooled_names), "pooled_over": "members",
+            "members": members}
 
 
 def _resolution_block(cam: GradCam) -> dict:
@@ -111,7 +132,7 @@ def _resolution_block(cam: GradCam) -> dict:
 
 
 def explain_test_set(model: object, frame: pd.DataFrame, dataset_dir: Path, out_dir: Path,
-                     image_size_px: int, settings: CamSettings
+                     image_size_px: int, settings: CamSettings, channels: int = 1
                      ) -> tuple[dict, dict[str, list[dict]]]:
     """Grad-CAM on the masked test images (and the gallery), with every check.
 
@@ -122,6 +143,7 @@ def explain_test_set(model: object, frame: pd.DataFrame, dataset_dir: Path, out_
         out_dir: report folder; per-image overlays go to ``out_dir/gradcam``.
         image_size_px: model input side.
         settings: method, layer, image cap, batch size, seed.
+        channels: channels of the dataset's images (1, or 3 with 2.5D context).
 
     Returns:
         The report.json ``gradcam`` block and the gallery entries per outcome.
@@ -139,24 +161,26 @@ def explain_test_set(model: object, frame: pd.DataFrame, dataset_dir: Path, out_
                                      np.asarray(sum(gallery.values(), []), dtype=int)]))
     subset = frame.iloc[rows].reset_index(drop=True)
     LOG.info("Grad-CAM (%s) at %s on %d test images", settings.method, cam.layer_name, len(rows))
-    images = load_images(dataset_dir, subset["path"].tolist(), image_size_px)
+    images = load_images(dataset_dir, subset["path"].tolist(), image_size_px, channels)
     masks = load_masks(dataset_dir, subset["mask_path"].tolist(), image_size_px)
     result = cam.explain(images, batch_size=settings.batch_size, progress=True)
     in_localisation = np.isin(rows, localisation_rows)
     block = {
         "method": settings.method, "method_name": CAM_METHODS[settings.method],
         "target": "positive (the cancer logit, before the sigmoid)",
-        "layer": cam.layer_name, **_resolution_block(cam),
+        "layer": cam.layer_name, "ensemble_members": [m.model.name for m in cam.members],
+        **_resolution_block(cam),
         "n_images": int(in_localisation.sum()), "n_masked_test_images": int(len(masked)),
         "max_images": settings.max_images, "n_explained_with_gallery": int(len(rows)),
-        **_model_agreement(result.logits, subset["y_prob"].to_numpy()),
+        **_model_agreement(probability_of_logits(cam.model, result.logits),
+                           subset["y_prob"].to_numpy()),
     }
     groups = _localisation(result.maps[in_localisation], masks[in_localisation],
                            subset[in_localisation])
     block["by_group"] = groups
     block["pointing_game"] = groups["all_positives"]["pointing_game"]
     block["energy_in_roi"] = groups["all_positives"]["energy_in_roi"]
-    block["randomization_check"] = _randomisation(cam, images, result.maps, settings)
+    block["randomization_check"] = _randomisation(cam, images, result, settings)
     for i, path in enumerate(subset["path"]):
         write_overlay(out_dir / "gradcam" / _overlay_name(path), images[i], result.maps[i],
                       masks[i] if subset["mask_path"].iloc[i] else None)
@@ -171,12 +195,12 @@ def explain_test_set(model: object, frame: pd.DataFrame, dataset_dir: Path, out_
     return block, entries
 
 
-def _model_agreement(logits: np.ndarray, recorded_prob: np.ndarray) -> dict:
-    """Largest |sigmoid(logit) - recorded test probability|; a warning above 0.02."""
-    if len(logits) == 0:
+def _model_agreement(probabilities: np.ndarray, recorded_prob: np.ndarray) -> dict:
+    """Largest |probability of the Grad-CAM pass - recorded test probability|; a warning
+    above 0.02."""
+    if len(probabilities) == 0:
         return {"probability_max_abs_difference": None}
-    difference = float(np.max(np.abs(1 / (1 + np.exp(-logits.astype(np.float64)))
-                                      - recorded_prob)))
+    difference = float(np.max(np.abs(probabilities - recorded_prob)))
     if difference > PROBABILITY_TOLERANCE:
         LOG.warning("the loaded model's probabilities differ from training_results.json by up "
                     "to %.3f: the model file may not be the one that was scored", difference)

@@ -46,12 +46,18 @@ def resolve_dataset_dir(override: Path | None, results: dict, results_path: Path
 def prediction_frame(block: dict, manifest: pd.DataFrame, where: str) -> pd.DataFrame:
     """Join one {paths, y_true, y_prob} block with the manifest rows of the same paths.
 
+    A calibrated block's ``y_prob_uncalibrated`` (before temperature scaling) becomes a column
+    of that name.
+
     Raises:
         UserError: paths absent from the manifest, or labels that disagree with it (the
             dataset is not the one the model was scored on).
     """
     frame = pd.DataFrame({"path": block["paths"], "y_true": np.asarray(block["y_true"], int),
                           "y_prob": np.asarray(block["y_prob"], np.float64)})
+    if contract.UNCALIBRATED_KEY in block:
+        frame[contract.UNCALIBRATED_KEY] = np.asarray(block[contract.UNCALIBRATED_KEY],
+                                                      np.float64)
     merged = frame.merge(manifest, on="path", how="left", indicator=True, validate="one_to_one")
     absent = merged["path"][merged["_merge"] == "left_only"]
     if len(absent):

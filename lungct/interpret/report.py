@@ -1,4 +1,4 @@
-"""report.json and the self-contained report.html, with the figures they embed.
+"""report.json, the self-contained report.html and model_card.json, with the figures.
 
 The HTML shows only numbers computed by this run; its fixed text is limited to definitions,
 method descriptions and caveats (label source, research use only, synthetic data).
@@ -18,7 +18,12 @@ from typing import Any
 import numpy as np
 
 from lungct.fileio import atomic_write_json, atomic_write_text
+from lungct.fingerprint import file_set_sha256
 from lungct.interpret import figures
+from lungct.interpret.calibration_report import calibration_html
+from lungct.interpret.cross_validation import cross_validation_html
+from lungct.interpret.html_parts import bullet_list, ci_text, html_table
+from lungct.interpret.model_card import MODEL_CARD_FILE, build_model_card, model_card_html
 from lungct.metrics import LevelData
 
 __all__ = ["OUTPUT_FILES", "FigureInputs", "to_jsonable", "limitations", "render_html",
@@ -29,7 +34,8 @@ FIGURE_FILES = {
     "pr_curve": "pr_curve.png", "calibration": "calibration.png",
     "gradcam_gallery": "gradcam_gallery.png",
 }
-OUTPUT_FILES = (*FIGURE_FILES.values(), "report.html", "report.json")
+#: The stage's output set; report.json (last) records the SHA-256 of the others.
+OUTPUT_FILES = (*FIGURE_FILES.values(), "report.html", MODEL_CARD_FILE, "report.json")
 LEVELS = ("slice_level", "nodule_level", "patient_level")
 WIDE_CI = 0.2
 SMALL_PATIENT_COUNT = 30
@@ -51,9 +57,19 @@ DEFINITIONS = [
      "PPV and NPV depend on the prevalence of the test split."),
     ("AUC / average precision", "Area under the ROC curve (ties count one half); average "
      "precision = sum over thresholds of the recall increase times the precision."),
-    ("Brier score / ECE", "Mean squared difference between probability and label; expected "
+    ("Brier score / log loss / ECE", "Mean squared difference between probability and label; "
+     "mean of -[y log p + (1 - y) log(1 - p)] (p clipped to [1e-7, 1 - 1e-7]); expected "
      "calibration error = sum over 10 equal-width probability bins of (bin share) x "
      "|observed cancer rate - mean probability|."),
+    ("Reference ECE", "ECE of a perfectly calibrated model with the same test probabilities: "
+     "labels drawn as Bernoulli(p) from the model's own probabilities, many seeded times; "
+     "mean and 95th percentile. ECE is biased upward at small samples, so compare with it."),
+    ("Temperature scaling", "Guo et al. 2017: the logit is divided by one positive T fitted "
+     "on validation (log loss); ranking, hence AUC, is unchanged."),
+    ("Ensemble", "Training with K folds ships the K fold models of the selected architecture "
+     "as one model whose logit is the mean of theirs; its Grad-CAM map is the mean of the "
+     "members' maps, each at the member's own layer with the member's logit as the score, and "
+     "the randomisation check runs per member."),
     ("Grad-CAM", "Selvaraju et al. 2017: channel weights = spatial mean of the gradient of the "
      "pre-sigmoid logit with respect to the explained layer's feature map; map = ReLU of the "
      "weighted sum, bilinearly upsampled (half-pixel centres) and divided by its maximum."),
@@ -94,16 +110,6 @@ def to_jsonable(value: Any) -> Any:
     return value
 
 
-def _ci(block: dict | None, digits: int = 3) -> str:
-    """'0.812 [0.701, 0.903]', or 'undefined (reason)'."""
-    if not block or block.get("value") is None:
-        return f"undefined ({(block or {}).get('reason', 'not computed')})"
-    text = f"{block['value']:.{digits}f}"
-    if block.get("ci_low") is not None:
-        text += f" [{block['ci_low']:.{digits}f}, {block['ci_high']:.{digits}f}]"
-    return text
-
-
 def limitations(report: dict) -> list[str]:
     """Limitations computed from this run's data: size, CI width, balance, calibration, maps."""
     notes = []
@@ -132,9 +138,12 @@ def limitations(report: dict) -> list[str]:
     if calibration["ece"]["value"] is not None:
         mean_prob = _weighted_mean(calibration["bins"], "mean_predicted")
         observed = _weighted_mean(calibration["bins"], "observed_rate")
-        notes.append(f"Calibration: ECE {calibration['ece']['value']:.3f}; mean predicted "
-                     f"probability {mean_prob:.3f} against an observed cancer rate of "
-                     f"{observed:.3f}.")
+        reference = calibration["ece_reference"]
+        notes.append(f"Calibration: ECE {calibration['ece']['value']:.3f} where a perfectly "
+                     f"calibrated model would show {reference['mean']:.3f} on average (95th "
+                     f"percentile {reference['p95']:.3f}) at {reference['n']} slices; mean "
+                     f"predicted probability {mean_prob:.3f} against an observed cancer rate "
+                     f"of {observed:.3f}.")
     gradcam = report["gradcam"]
     if gradcam.get("resolution_warning"):
         notes.append(gradcam["resolution_warning"])
@@ -154,30 +163,20 @@ def _weighted_mean(bins: list[dict], key: str) -> float:
     return sum(b[key] * b["n"] for b in filled) / sum(b["n"] for b in filled)
 
 
-def _table(header: list[str], rows: list[list[Any]]) -> str:
-    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>"
-                   for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
 def _image(path: Path, alt: str) -> str:
     data = base64.b64encode(path.read_bytes()).decode("ascii")
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
 
 
-def _paragraphs(lines: list[str]) -> str:
-    return "<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in lines) + "</ul>"
-
-
 def _headline(report: dict) -> str:
     threshold = report["threshold"]
     rows = [[name.replace("_level", ""), f"{b['n']['positive']} / {b['n']['negative']}",
-             b["n"]["patients"], _ci(b["auc"]), _ci(b["sensitivity"]), _ci(b["specificity"])]
+             b["n"]["patients"], ci_text(b["auc"]), ci_text(b["sensitivity"]),
+             ci_text(b["specificity"])]
             for name, b in ((n, report[n]) for n in LEVELS)]
     return ("<h2>Headline (test split, selected model "
             f"{html.escape(report['selected_model'])})</h2>"
-            + _table(["level", "units cancer / non-cancer", "patients", "AUC [95% CI]",
+            + html_table(["level", "units cancer / non-cancer", "patients", "AUC [95% CI]",
                       "sensitivity [95% CI]", "specificity [95% CI]"], rows)
             + f"<p>Threshold {threshold['value']:.4f} ({html.escape(str(threshold.get('rule')))})"
             ", chosen on validation.</p>")
@@ -216,10 +215,10 @@ def _provenance(data: dict) -> str:
         f"{html.escape(str(data['preset']))}.</p>"
         f"<p>Label rule (exclusions as recorded by prepare): <code>{html.escape(label_rule)}"
         "</code></p>" + _single_readers(data["label_rule"]) + _z_gaps(data.get("series"))
-        + _table(["split", "patients", "images", "cancer", "non_cancer"], splits)
+        + html_table(["split", "patients", "images", "cancer", "non_cancer"], splits)
         + f"<p>Split level: {data['split_level']}; no patient is in two splits (the manifest "
         "reader refuses such a dataset).</p>"
-        + _table(["model", "weights"], weights) + "</div>")
+        + html_table(["model", "weights"], weights) + "</div>")
 
 
 def _level_section(name: str, block: dict) -> str:
@@ -227,18 +226,18 @@ def _level_section(name: str, block: dict) -> str:
     rows = []
     for metric in ("auc", "average_precision", "sensitivity", "specificity", "ppv", "npv",
                    "accuracy", "f1"):
-        row = [metric, _ci(block[metric])]
+        row = [metric, ci_text(block[metric])]
         if wilson:
             b = block[metric]
             row.append(f"[{b['wilson_low']:.3f}, {b['wilson_high']:.3f}]"
                        if b.get("wilson_low") is not None else "-")
         rows.append(row)
     header = ["metric", "value [bootstrap 95% CI]"] + (["Wilson 95% CI"] if wilson else [])
-    kinds = [[kind, b["n"], _ci(b)] for kind, b in block.get("specificity_by_negative_kind",
+    kinds = [[kind, b["n"], ci_text(b)] for kind, b in block.get("specificity_by_negative_kind",
                                                                {}).items()]
     return (f"<h3>{name.replace('_', ' ')}</h3><p>{html.escape(block['definition'])}.</p>"
-            + _table(header, rows)
-            + (_table(["negative kind", "n", "specificity [95% CI]"], kinds) if kinds else ""))
+            + html_table(header, rows)
+            + (html_table(["negative kind", "n", "specificity [95% CI]"], kinds) if kinds else ""))
 
 
 def _models(report: dict) -> str:
@@ -252,10 +251,10 @@ def _models(report: dict) -> str:
         rows.append([
             name, "yes" if entry["selected"] else "", entry["weights_source"],
             f"{entry['val_auc']:.3f}" if isinstance(entry["val_auc"], float) else entry["val_auc"],
-            _ci(entry["slice_level"]["auc"]), _ci(entry["patient_level"]["auc"]),
-            _ci(difference.get("patient_level")) if difference else "(selected)"])
+            ci_text(entry["slice_level"]["auc"]), ci_text(entry["patient_level"]["auc"]),
+            ci_text(difference.get("patient_level")) if difference else "(selected)"])
     return ("<h2>All models on the test split</h2>"
-            + _table(["model", "selected", "weights", "validation AUC", "slice AUC [95% CI]",
+            + html_table(["model", "selected", "weights", "validation AUC", "slice AUC [95% CI]",
                       "patient AUC [95% CI]", "patient AUC: selected - this [paired 95% CI]"],
                      rows))
 
@@ -264,16 +263,16 @@ def _metadata(block: dict) -> str:
     if "fit" not in block:
         return ("<h2>Baseline without pixels (nodule diameter)</h2><p>Not computed: "
                 f"{html.escape(block['reason'])}.</p>")
-    rows = [[name.replace("_level", ""), _ci(block[name]["auc"]),
-             _ci(block[f"cnn_auc_same_samples_{name}"]),
-             _ci(block[f"auc_difference_cnn_minus_baseline_{name}"])]
+    rows = [[name.replace("_level", ""), ci_text(block[name]["auc"]),
+             ci_text(block[f"cnn_auc_same_samples_{name}"]),
+             ci_text(block[f"auc_difference_cnn_minus_baseline_{name}"])]
             for name in ("slice_level", "nodule_level")]
     fit = block["fit"]
     return ("<h2>Baseline without pixels (nodule diameter)</h2>"
             f"<p>{html.escape(block['description'])} ({block['n_test_slices']} test slices; "
             f"{fit['coefficient_per_mm']:+.3f} log-odds per mm, fitted on {fit['n_train']} "
             "training samples).</p>"
-            + _table(["level", "diameter AUC [95% CI]", "CNN AUC, same samples",
+            + html_table(["level", "diameter AUC [95% CI]", "CNN AUC, same samples",
                       "CNN - diameter [paired 95% CI]"], rows))
 
 
@@ -288,6 +287,9 @@ def _gradcam(block: dict, gallery_html: str) -> str:
                      f"{energy['mask_area_fraction_mean']:.2f}" if pg["total"] else "-",
                      summary["all_zero_maps"]])
     randomization = block["randomization_check"]
+    members = [[name, "undefined" if m["median_spearman"] is None
+                else f"{m['median_spearman']:.2f}", f"{m['n_defined']} of {m['n_images']}"]
+               for name, m in randomization.get("members", {}).items()]
     height, width = block["feature_map_resolution"]
     warning = (f'<p class="warn">{html.escape(block["resolution_warning"])}</p>'
                if block["resolution_warning"] else "")
@@ -296,11 +298,14 @@ def _gradcam(block: dict, gallery_html: str) -> str:
         f"<p>Explained layer <code>{html.escape(block['layer'])}</code>, map resolution "
         f"{height}x{width}; {block['n_images']} of {block['n_masked_test_images']} test images "
         f"with an ROI mask explained; target: {html.escape(block['target'])}.</p>{warning}"
-        + _table(["group", "images", "pointing-game hits", "chance rate", "mean energy in ROI",
+        + html_table(["group", "images", "pointing-game hits", "chance rate", "mean energy in ROI",
                   "mean ROI area share", "all-zero maps"], rows)
         + f"<p><b>Randomisation check:</b> {html.escape(randomization['statement'])} "
-        f"({randomization['n_defined']} of {randomization['n_images']} images with defined "
-        "correlations)</p>" + gallery_html)
+        f"({randomization['n_defined']} of {randomization['n_images']} "
+        + ("member maps with defined correlations, pooled over the ensemble's members"
+           if members else "images with defined correlations") + ")</p>"
+        + (html_table(["member", "median Spearman", "images with defined correlation"],
+                      members) if members else "") + gallery_html)
 
 
 def _weaknesses(block: dict) -> str:
@@ -312,7 +317,7 @@ def _weaknesses(block: dict) -> str:
                            block["false_positives_by"])):
         for factor, table in tables.items():
             if table:
-                breakdowns += f"<h4>{html.escape(title)} {html.escape(factor)}</h4>" + _table(
+                breakdowns += f"<h4>{html.escape(title)} {html.escape(factor)}</h4>" + html_table(
                     ["group", "n", "errors", "rate"],
                     [[r["group"], r["n"], r["errors"], f"{r['rate']:.0%}"] for r in table])
     patients = [[p["patient_id"], p["n_slices"], p["errors"], p["false_negatives"],
@@ -320,13 +325,13 @@ def _weaknesses(block: dict) -> str:
                 for p in block["patients_with_most_errors"]]
     failures = [[f["kind"].replace("_", " "), f["path"], f"{f['y_prob']:.3f}"]
                 for f in block["failure_cases"]]
-    return ("<h2>Weaknesses</h2>" + _paragraphs(block["findings"])
-            + _table(["class", "slices", "errors", "error rate"], rates) + breakdowns
+    return ("<h2>Weaknesses</h2>" + bullet_list(block["findings"])
+            + html_table(["class", "slices", "errors", "error rate"], rates) + breakdowns
             + "<h4>Patients with most errors</h4>"
-            + (_table(["patient", "slices", "errors", "false negatives", "false positives",
+            + (html_table(["patient", "slices", "errors", "false negatives", "false positives",
                        "share of errors"], patients) if patients else "<p>No errors.</p>")
             + "<h4>Most confident errors (shown in the Grad-CAM gallery)</h4>"
-            + (_table(["error", "image", "p(cancer)"], failures) if failures else
+            + (html_table(["error", "image", "p(cancer)"], failures) if failures else
                "<p>No errors.</p>"))
 
 
@@ -347,7 +352,6 @@ def render_html(report: dict, figure_paths: dict[str, Path]) -> str:
 
     banner = (f'<div class="banner">{html.escape(SYNTHETIC_BANNER)}</div>'
               if report["data"]["synthetic"] else "")
-    calibration = report["calibration"]
     parts = [
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>lungct report</title>"
         f"<style>{STYLE}</style></head><body>{banner}<h1>lungct evaluation report</h1>"
@@ -356,12 +360,12 @@ def render_html(report: dict, figure_paths: dict[str, Path]) -> str:
         "<h2>Metrics per level</h2>",
         *(_level_section(name, report[name]) for name in LEVELS),
         figure("confusion_matrix"), figure("roc_curve"), figure("pr_curve"),
-        _models(report), _metadata(report["metadata_baseline"]),
-        f"<h2>Calibration (slice level)</h2><p>Brier score {_ci(calibration['brier'])}; "
-        f"ECE (10 equal-width bins) {_ci(calibration['ece'])}.</p>", figure("calibration"),
+        _models(report), cross_validation_html(report.get("cross_validation"), report),
+        _metadata(report["metadata_baseline"]),
+        calibration_html(report["calibration"]), figure("calibration"),
         _gradcam(report["gradcam"], figure("gradcam_gallery")),
-        _weaknesses(report["weaknesses"]),
-        "<h2>Limitations of these numbers</h2>" + _paragraphs(report["limitations"]),
+        _weaknesses(report["weaknesses"]), model_card_html(build_model_card(report)),
+        "<h2>Limitations of these numbers</h2>" + bullet_list(report["limitations"]),
         "<h2>Definitions and methods</h2><dl>" + "".join(
             f"<dt><b>{html.escape(term)}</b></dt><dd>{html.escape(text)}</dd>"
             for term, text in DEFINITIONS) + "</dl>",
@@ -386,9 +390,11 @@ def _draw_figures(report: dict, inputs: FigureInputs, out_dir: Path) -> dict[str
 
 def write_report(report: dict, inputs: FigureInputs, out_dir: Path,
                  started: float | None = None) -> dict:
-    """Draw the figures, then write report.html and, last, report.json (atomic writes).
+    """Draw the figures, then write report.html, model_card.json and, last, report.json
+    (atomic writes).
 
-    report.json goes last: its presence with a matching inputs hash marks a complete run.
+    report.json goes last: its presence with a matching inputs hash marks a complete run, and
+    its ``files_sha256`` lists the SHA-256 of every other file of the set.
 
     Args:
         report: every computed number (report.json content before clean-up).
@@ -410,5 +416,8 @@ def write_report(report: dict, inputs: FigureInputs, out_dir: Path,
     if started is not None:
         timing["total_after_imports"] = round(time.perf_counter() - started, 2)
     atomic_write_text(out_dir / "report.html", render_html(report, paths))
+    atomic_write_json(out_dir / MODEL_CARD_FILE, build_model_card(report))
+    report["files_sha256"] = file_set_sha256(
+        out_dir, [name for name in OUTPUT_FILES if name != "report.json"])
     atomic_write_json(out_dir / "report.json", report)
     return report

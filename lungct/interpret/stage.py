@@ -1,11 +1,12 @@
 """Stage 3: evaluation and Grad-CAM report of the models trained by stage 2.
 
-Reads training_results.json, the selected model and output_dataset/, and writes reports/:
-the figures, per-image Grad-CAM overlays, report.html (self-contained) and report.json
-(keys in docs/formats.md). Steps, in order: load and check the inputs; score every model at
-slice, nodule and patient level with a patient-level bootstrap; fit the no-pixel diameter
-baseline; explain the selected model with Grad-CAM and check the maps; analyse its errors;
-draw and write.
+Reads training_results.json, the selected model (a single classifier or a fold ensemble) and
+output_dataset/, and writes reports/: the figures, per-image Grad-CAM overlays, report.html
+(self-contained), model_card.json and report.json (keys in docs/formats.md). Steps, in order:
+load and check the inputs; score every model at slice, nodule and patient level with a
+patient-level bootstrap; calibration before and after temperature scaling; the
+cross-validation summary; fit the no-pixel diameter baseline; explain the selected model with
+Grad-CAM and check the maps; analyse its errors; draw and write.
 """
 
 from __future__ import annotations
@@ -22,19 +23,22 @@ import pandas as pd
 
 from lungct import contract
 from lungct.backend import environment
+from lungct.errors import UserError
 from lungct.faults import kill_point
 from lungct.fileio import fresh_staging, swap_into_place
 from lungct.fingerprint import fingerprint, verify_file_set
 from lungct.interpret import inputs
+from lungct.interpret.calibration_report import calibration_block
+from lungct.interpret.cross_validation import cross_validation_block
 from lungct.interpret.evaluation import (
     build_levels,
-    calibration_block,
     compare_models,
     evaluate_levels,
     metadata_baseline,
     provenance,
 )
 from lungct.interpret.gradcam_report import CamSettings, explain_test_set
+from lungct.interpret.model_card import training_block
 from lungct.interpret.report import OUTPUT_FILES, FigureInputs, write_report
 from lungct.interpret.weakness import analyse_weaknesses
 from lungct.locking import output_lock, shared_lock
@@ -97,13 +101,16 @@ class InterpretConfig:
 
 
 def _up_to_date(out_dir: Path, inputs_sha256: str) -> bool:
+    """report.json matches the inputs and every other output file is the one it recorded."""
     report = out_dir / "report.json"
     if not all((out_dir / name).is_file() for name in OUTPUT_FILES):
         return False
     try:
-        return json.loads(report.read_text(encoding="utf-8")).get("inputs_sha256") == inputs_sha256
-    except (OSError, json.JSONDecodeError):
+        written = json.loads(report.read_text(encoding="utf-8"))
+        verify_file_set(written.get("files_sha256"), out_dir, str(report), "interpretation.py")
+    except (OSError, json.JSONDecodeError, UserError):
         return False
+    return written.get("inputs_sha256") == inputs_sha256
 
 
 def gradcam_max(config: InterpretConfig, results: dict) -> int | None:
@@ -177,23 +184,27 @@ def _compute(config: InterpretConfig, results: dict, dataset_dir: Path,
     counts = bootstrap_counts(per_patient.to_numpy(), config.bootstrap_resamples, seed)
     levels = build_levels(frame, patients)
     evaluation = evaluate_levels(levels, threshold, counts)
-    calibration = calibration_block(evaluation["slice_level"], levels["slice_level"])
+    uncalibrated = (frame[contract.UNCALIBRATED_KEY].to_numpy()
+                    if contract.UNCALIBRATED_KEY in frame else None)
+    calibration = calibration_block(levels["slice_level"], uncalibrated, results, counts, seed)
     bands = {name: roc_band(level, counts, ROC_GRID) for name, level in levels.items()}
     timing["metrics"] = round(time.perf_counter() - clock, 2)
     clock = time.perf_counter()
     image_size = int(results["config"]["image_size"])
-    model = load_classifier(model_path, image_size, str(config.results_path))
+    channels = contract.dataset_channels(dataset_info)
+    model = load_classifier(model_path, image_size, str(config.results_path), channels)
     cam_settings = CamSettings(config.cam_method, config.gradcam_layer,
                                gradcam_max(config, results), config.batch_size, seed)
     gradcam, gallery = explain_test_set(model, frame, dataset_dir, out_dir, image_size,
-                                        cam_settings)
+                                        cam_settings, channels)
     timing["gradcam"] = round(time.perf_counter() - clock, 2)
     report = {
         **evaluation,
         "threshold": {**results["threshold"], "applied_as": "cancer when probability >= value"},
         "selected_model": results["best_model"], "model_path": str(model_path),
         "models": compare_models(results, frame, patients, counts, levels),
-        "calibration": calibration, "gradcam": gradcam,
+        "calibration": calibration, "cross_validation": cross_validation_block(results),
+        "training": training_block(results), "gradcam": gradcam,
         "metadata_baseline": metadata_baseline(manifest, frame, patients, counts),
         "weaknesses": analyse_weaknesses(frame, threshold),
         "data": provenance(dataset_info, manifest, results, dataset_dir),

@@ -1,7 +1,9 @@
 """Stage 2: train a baseline CNN and VGG16/ResNet50 transfer models on output_dataset/.
 
-Selects the model with the highest validation AUC, chooses the decision threshold on
-validation (Youden's J) and writes lung_cancer_cnn_enhanced.h5 / .keras, runs/<model>/ and
+Selects the model with the highest validation AUC (with --folds K: pooled out-of-fold AUC,
+and the selected model is the ensemble of its K fold models), calibrates it by temperature
+scaling on validation logits, chooses the decision threshold on the calibrated validation
+probabilities (Youden's J) and writes lung_cancer_cnn_enhanced.h5 / .keras, runs/<model>/ and
 training_results.json. docs/formats.md describes the files.
 """
 
@@ -139,6 +141,16 @@ def build_parser() -> argparse.ArgumentParser:
         "computed once, without augmentation (auto: on in the quick preset)",
     )
     train_group.add_argument(
+        "--folds",
+        type=positive_int,
+        default=1,
+        help="K-fold cross-validation by patient over the pooled train and validation "
+        "splits (stratified by patient label; 1..20): every model trains K times, selection "
+        "and threshold use the out-of-fold predictions, and the saved model is the ensemble "
+        "of the selected architecture's K fold models (K times the disk and prediction "
+        "cost); 1 = train on train, select on validation",
+    )
+    train_group.add_argument(
         "--no-augment", action="store_true", help="no flip/rotation/zoom/contrast augmentation"
     )
     train_group.add_argument(
@@ -196,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             cached_features=cached_features,
             augment=not args.no_augment,
             seed=args.seed,
+            folds=args.folds,
             mixed_precision=args.mixed_precision,
             distribute=args.distribute,
             progress="none" if args.quiet else "auto",

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from lungct.errors import UserError
 from lungct.train.distribute import DISTRIBUTE_MODES
+from lungct.train.folds import MAX_FOLDS
 from lungct.train.models import MIN_TRANSFER_SIZE_PX, MODEL_NAMES
 
 __all__ = ["PRESETS", "PresetValues", "TrainConfig", "resolve_config"]
@@ -94,7 +95,11 @@ class TrainConfig:
             backbone (below the fine-tuned layers), computed once, without augmentation,
             instead of on augmented images (the baseline always trains on images).
         augment: augment training images (flip, rotation, zoom, contrast).
-        seed: seed of initial weights, shuffling, augmentation and subsampling.
+        seed: seed of initial weights, shuffling, augmentation, subsampling and folds.
+        folds: K. 1 trains on the train split and selects on the validation split; K > 1
+            pools both, divides their patients into K folds stratified by label
+            (lungct.train.folds), trains every model once per fold and selects on the pooled
+            out-of-fold predictions; the selected model is the ensemble of its K fold models.
         mixed_precision: ``auto`` (bf16 on a GPU that supports it), ``on``, ``off``.
         distribute: ``none``, ``data-parallel`` (JAX) or ``mirrored`` (TensorFlow).
         overwrite: retrain models whose ``runs/<name>/`` match this configuration.
@@ -123,6 +128,7 @@ class TrainConfig:
     cached_features: bool | None = None
     augment: bool = True
     seed: int = 42
+    folds: int = 1
     mixed_precision: str = "auto"
     distribute: str = "none"
     overwrite: bool = False
@@ -188,6 +194,9 @@ def _validate_numbers(config: TrainConfig) -> None:
             raise UserError(f"{flag} must be at least {minimum}, got {value}.")
     if config.frozen_epochs == 0 and config.fine_tune_epochs == 0:
         raise UserError("--frozen-epochs and --fine-tune-epochs are both 0: nothing to train.")
+    if (not isinstance(config.folds, int) or isinstance(config.folds, bool)
+            or not 1 <= config.folds <= MAX_FOLDS):
+        raise UserError(f"--folds must be an integer from 1 to {MAX_FOLDS}, got {config.folds!r}.")
     if not 0.0 < config.learning_rate < 1.0:
         raise UserError(f"--learning-rate must be in (0, 1), got {config.learning_rate}.")
 

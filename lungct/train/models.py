@@ -1,15 +1,23 @@
 """The classifiers: a baseline CNN from scratch and VGG16 / ResNet50 transfer models.
 
 Every model follows the contract shared with the interpretation stage: a functional Keras 3
-model ``Input(uint8, (S, S, 1), name="image")`` -> built-in preprocessing layers -> features ->
+model ``Input(uint8, (S, S, C), name="image")`` -> built-in preprocessing layers -> features ->
 ``GlobalAveragePooling2D("pooling")`` -> ``Dropout("dropout")`` -> ``Dense(1, "logit",
-float32)`` -> ``Activation("sigmoid", "probability", float32)``. Built-in layers only, so
-``keras.models.load_model`` loads a saved model in safe mode without lungct.
+float32)`` -> ``Rescaling(1/T, "temperature", float32)`` -> ``Activation("sigmoid",
+"probability", float32)``, with T = 1 when built (temperature scaling sets T on the selected
+model, lungct.train.calibration). Built-in layers only, so ``keras.models.load_model`` loads a
+saved model in safe mode without lungct. C is the dataset's channel count
+(``contract.CHANNEL_ORDERS``): 1, or 3 for 2.5D context, the planes z - D, z, z + D in that
+order (the PNGs' R, G, B).
 
 Transfer backbones come from ``keras.applications`` (Simonyan & Zisserman 2015, VGG16; He et
 al. 2016, ResNet50) and are nested as one layer named ``"vgg16"`` / ``"resnet50"``; both expect
-"caffe" preprocessing: BGR channels minus the ImageNet mean, which for a grayscale image
-replicated to three channels is a per-channel mean subtraction (a ``Normalization`` layer).
+"caffe" preprocessing: BGR channels minus the ImageNet BGR mean (a ``Normalization`` layer).
+A one-channel image is copied to the three channels (``Concatenate("to_rgb")``). A
+three-channel image goes in as it is, so the backbone's B, G, R input channels receive the
+planes z - D, z, z + D, minus the means 103.939, 116.779 and 123.68: the centre plane is the
+backbone's green channel and the two context planes, symmetric about it, its blue and red
+ones. No reversal is needed because neither context plane has a colour meaning.
 """
 
 from __future__ import annotations
@@ -26,6 +34,13 @@ import keras
 from keras import layers
 
 from lungct.errors import UserError
+from lungct.modelio import (
+    LOGIT_LAYER,
+    PROBABILITY_LAYER,
+    TEMPERATURE_LAYER,
+    ensemble_members,
+    is_ensemble,
+)
 
 __all__ = [
     "BACKBONES",
@@ -192,6 +207,7 @@ def build_model(
     train_size: int,
     weights: ResolvedWeights | None = None,
     dropout_rate: float = 0.5,
+    channels: int = 1,
 ) -> keras.Model:
     """Build classifier ``name`` for uint8 ``image_size`` px images, computing at ``train_size``.
 
@@ -202,16 +218,19 @@ def build_model(
             when it differs from ``image_size``.
         weights: initial backbone weights (transfer models; ``None`` = random).
         dropout_rate: dropout before the logit.
+        channels: channels of the images: 1, or 3 (planes z - D, z, z + D).
 
     Raises:
-        ValueError: bad name or dropout rate.
+        ValueError: bad name, dropout rate or channel count.
         UserError: a weights file that does not match the backbone.
     """
     if name not in MODEL_NAMES:
         raise ValueError(f"model name must be one of {MODEL_NAMES}, got {name!r}")
     if not 0.0 <= dropout_rate < 1.0:
         raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate}")
-    image = keras.Input(shape=(image_size, image_size, 1), dtype="uint8", name="image")
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    image = keras.Input(shape=(image_size, image_size, channels), dtype="uint8", name="image")
     scale = 1.0 / 255.0 if name == "baseline" else 1.0
     x = layers.Rescaling(scale, name="to_float")(image)
     if train_size != image_size:
@@ -222,8 +241,9 @@ def build_model(
         features = _transfer_features(name, x, train_size, weights)
     x = layers.GlobalAveragePooling2D(name="pooling")(features)
     x = layers.Dropout(dropout_rate, name="dropout")(x)
-    logit = layers.Dense(1, name="logit", dtype="float32")(x)
-    probability = layers.Activation("sigmoid", name="probability", dtype="float32")(logit)
+    logit = layers.Dense(1, name=LOGIT_LAYER, dtype="float32")(x)
+    scaled = layers.Rescaling(1.0, name=TEMPERATURE_LAYER, dtype="float32")(logit)
+    probability = layers.Activation("sigmoid", name=PROBABILITY_LAYER, dtype="float32")(scaled)
     return keras.Model(image, probability, name=name)
 
 
@@ -247,7 +267,8 @@ def _transfer_features(name: str, x, train_size: int, weights: ResolvedWeights |
         raise ValueError(
             f"{name} needs a train size of at least {MIN_TRANSFER_SIZE_PX} px, got {train_size}"
         )
-    x = layers.Concatenate(name="to_rgb")([x, x, x])
+    if x.shape[-1] == 1:
+        x = layers.Concatenate(name="to_rgb")([x, x, x])
     x = layers.Normalization(
         mean=list(IMAGENET_BGR_MEAN), variance=[1.0, 1.0, 1.0], name="imagenet_normalization"
     )(x)
@@ -278,7 +299,15 @@ def _build_backbone(name: str, train_size: int, weights: ResolvedWeights) -> ker
 
 
 def backbone_of(model: keras.Model) -> keras.Model | None:
-    """Return the nested keras.applications backbone of a transfer model, ``None`` for baseline."""
+    """Return the nested keras.applications backbone of a transfer model, ``None`` for baseline.
+
+    Raises:
+        ValueError: ``model`` is an ensemble: each member has its own backbone (call this on
+            each of ``lungct.modelio.ensemble_members(model)``).
+    """
+    if is_ensemble(model):
+        raise ValueError(f"model {model.name!r} is an ensemble of "
+                         f"{len(ensemble_members(model))} members, each with its own backbone")
     for name in BACKBONES:
         if any(layer.name == name for layer in model.layers):
             return model.get_layer(name)
@@ -315,8 +344,17 @@ def unfreeze_top_layers(model: keras.Model, n_layers: int) -> list[str]:
     return [layer.name for layer in backbone.layers if layer.trainable and layer.weights]
 
 
-def grad_cam_layer(model: keras.Model) -> str:
-    """The Grad-CAM target of ``model``: ``"last_conv"`` or ``"<backbone>/<layer>"``."""
+def grad_cam_layer(model: keras.Model) -> str | list[str]:
+    """The Grad-CAM target of ``model``.
+
+    A single model: ``"last_conv"`` or ``"<backbone>/<layer>"`` (e.g. ``"vgg16/block5_conv3"``).
+    An ensemble: one entry per member in fold order, ``"<member>/<the member's target>"``, e.g.
+    ``["fold0/last_conv", "fold1/last_conv"]`` or ``["fold0/vgg16/block5_conv3", ...]``: the
+    text before the first ``/`` names the member (``ensemble_members(model)[k].name``), the
+    rest is the layer in that member as for a single model.
+    """
+    if is_ensemble(model):
+        return [f"{member.name}/{grad_cam_layer(member)}" for member in ensemble_members(model)]
     backbone = backbone_of(model)
     if backbone is None:
         return "last_conv"

@@ -1,21 +1,21 @@
-"""Stage 2: train every model, select one on validation, choose its threshold, save.
+"""Stage 2: train every model, select one on validation, calibrate it, choose its threshold.
 
-The stage reads as named steps: load the dataset; apply the preset; for each model, train it
-(phases 1-2, :mod:`lungct.train.phases`) or reuse its finished run; phase 3: every model
-predicts the validation and test splits once, the highest validation AUC is selected, the
-decision threshold is chosen on validation (Youden's J); write the selected model
-(``lung_cancer_cnn_enhanced.h5`` / ``.keras``), ``runs/<model>/`` and
-``training_results.json`` (docs/formats.md).
+The stage reads as named steps: load the dataset; apply the preset; with ``--folds K`` > 1,
+pool the train and validation patients into K folds (lungct.train.folds); for each model (and
+fold), train it (phases 1-2, :mod:`lungct.train.phases`) or reuse its finished run
+(lungct.train.runs), and predict its logits on the validation (out-of-fold) and test images
+once; with folds, save the model's fold ensemble (lungct.train.ensemble). Phase 3: the highest
+validation AUC is selected; its temperature is fitted on its validation logits
+(lungct.train.calibration, Guo et al. 2017) and becomes part of the saved selected model
+(``lung_cancer_cnn_enhanced.h5`` / ``.keras``); the decision threshold is chosen on the
+calibrated validation probabilities (Youden's J); ``training_results.json`` is written last
+(lungct.train.results, docs/formats.md).
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
-import shutil
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,19 +25,26 @@ import numpy as np
 from lungct import backend, contract
 from lungct.errors import UserError
 from lungct.faults import kill_point
-from lungct.fileio import atomic_path, atomic_write_json
-from lungct.fingerprint import file_set_sha256, file_sha256, fingerprint
+from lungct.fileio import atomic_path
+from lungct.fingerprint import file_set_sha256
 from lungct.locking import output_lock, shared_lock
 from lungct.metrics import auc
 from lungct.modelio import load_classifier
 from lungct.threshold import youden_threshold
 from lungct.train import models
-from lungct.train.batches import predict_batches
+from lungct.train.calibration import TemperatureFit, fit_temperature, sigmoid
 from lungct.train.config import TrainConfig, resolve_config
-from lungct.train.distribute import distribution_scope
+from lungct.train.ensemble import build_ensemble, with_temperature
+from lungct.train.folds import FoldPlan, plan_folds
 from lungct.train.image_cache import SplitData, check_split_classes, load_split
-from lungct.train.loop import CHECKPOINT_FILE
-from lungct.train.phases import train_model
+from lungct.train.results import (
+    ModelOutcome,
+    calibration_block,
+    cross_validation_block,
+    log_summary,
+    model_entry,
+)
+from lungct.train.runs import MODEL_FILE, FoldRun, predict_logits, train_or_reuse
 
 __all__ = ["Dataset", "load_dataset", "run", "start_model_session"]
 
@@ -52,15 +59,23 @@ class Dataset:
     val: SplitData
     test: SplitData
     image_size: int
+    channels: int
     digest: str
     provenance: dict
 
 
 def load_dataset(dataset_dir: Path) -> Dataset:
-    """Read the manifest, refuse unusable splits, and load the three splits' images."""
+    """Read the manifest, refuse unusable splits, and load the three splits' images.
+
+    The channel count (1, or 3 with 2.5D context) is ``dataset.json``'s
+    (``contract.dataset_channels``; 1 when the dataset has no dataset.json).
+    """
     manifest = contract.read_manifest(dataset_dir)
     check_split_classes(manifest)
-    splits = {split: load_split(dataset_dir, manifest, split) for split in contract.SPLITS}
+    provenance = contract.read_dataset_info(dataset_dir, required=False)
+    channels = contract.dataset_channels(provenance)
+    splits = {split: load_split(dataset_dir, manifest, split, channels)
+              for split in contract.SPLITS}
     if len(splits["test"]) == 0:
         raise UserError(f"the test split of {dataset_dir} is empty.")
     return Dataset(
@@ -68,8 +83,9 @@ def load_dataset(dataset_dir: Path) -> Dataset:
         val=splits["val"],
         test=splits["test"],
         image_size=int(splits["train"].images.shape[1]),
+        channels=channels,
         digest=contract.manifest_sha256(dataset_dir),
-        provenance=contract.read_dataset_info(dataset_dir, required=False),
+        provenance=provenance,
     )
 
 
@@ -117,185 +133,160 @@ def _run_locked(config: TrainConfig) -> dict:
     mixed_precision = _mixed_precision_enabled(config.mixed_precision)
     weight_choices = models.parse_weights_option(config.weights)
     LOG.info(
-        "training %s on %d/%d/%d train/val/test images (%d px, computing at %d px), %s preset, "
-        "%s backend on %s",
+        "training %s on %d/%d/%d train/val/test images (%d px, %d channel(s), computing at "
+        "%d px), %s preset, %s backend on %s",
         ", ".join(config.models),
         len(dataset.train),
         len(dataset.val),
         len(dataset.test),
         dataset.image_size,
+        dataset.channels,
         config.train_size,
         config.preset,
         backend.backend_name(),
         ", ".join(backend.list_devices()),
     )
+    plan = (plan_folds(dataset.train, dataset.val, config.folds, config.seed)
+            if config.folds > 1 else None)
     outcomes = {}
     for name in config.models:
-        start_model_session(mixed_precision)
-        outcomes[name] = _train_or_reuse(name, config, dataset, weight_choices)
-    best = max(config.models, key=lambda name: outcomes[name]["val_auc"])
-    threshold = youden_threshold(
-        dataset.val.labels, np.asarray(outcomes[best]["validation"]["y_prob"])
-    )
-    _save_selected(config.out_dir, outcomes[best]["model_path"], dataset.image_size)
+        weights = None if name == "baseline" else models.resolve_weights(
+            name, weight_choices[name])
+        if plan is None:
+            start_model_session(mixed_precision)
+            outcomes[name] = _train_single(name, config, dataset, weights)
+        else:
+            outcomes[name] = _train_folds(name, config, dataset, weights, plan, mixed_precision)
+    best = max(config.models, key=lambda name: outcomes[name].val_auc)
+    fit = fit_temperature(outcomes[best].val_logits, outcomes[best].val.labels)
+    start_model_session(mixed_precision)
+    selected_layer = _save_selected(config.out_dir, outcomes[best], fit.temperature, dataset)
     kill_point("train", "selected_saved")
-    results = _results(config, dataset, outcomes, best, threshold, mixed_precision)
+    results = _results(config, dataset, outcomes, best, fit, selected_layer, mixed_precision)
+    if plan is not None:
+        results["cross_validation"] = cross_validation_block(outcomes, plan.fold_of_patient,
+                                                             best)
     results["files_sha256"] = file_set_sha256(config.out_dir, [
-        *contract.MODEL_FILES.values(), *(o["model_path"] for o in outcomes.values())])
+        *contract.MODEL_FILES.values(), *(f for o in outcomes.values() for f in o.files)])
     contract.write_training_results(config.out_dir, results)
-    _log_summary(results, config.out_dir)
+    log_summary(results, config.out_dir)
     return results
 
 
-def _run_fingerprint(
-    name: str, config: TrainConfig, dataset: Dataset, weights: models.ResolvedWeights | None
-) -> str:
-    settings = config.to_json()
-    for unrelated in ("dataset_dir", "out_dir", "models", "overwrite", "progress",
-                      "gradcam_max_images",
-                      "fine_tune_layers_by_model"):
-        settings.pop(unrelated)
-    settings.update(
-        model=name,
-        dataset=dataset.digest,
-        backend=backend.backend_name(),
-        weights_source=weights.source if weights else None,
-        fine_tune_layers=None if name == "baseline" else config.fine_tune_layer_count(name),
+def _train_single(name: str, config: TrainConfig, dataset: Dataset,
+                  weights: models.ResolvedWeights | None) -> ModelOutcome:
+    """Train (or reuse) ``runs/<name>/`` on the train split; logits on validation and test."""
+    model, record = train_or_reuse(name, config, (dataset.train, dataset.val), dataset.digest,
+                                   weights, config.out_dir / "runs" / name)
+    model_file = f"runs/{name}/{MODEL_FILE}"
+    return ModelOutcome(
+        name=name,
+        records=(record,),
+        val=dataset.val,
+        val_logits=predict_logits(model, dataset.val.images, config.batch_size),
+        test_logits=predict_logits(model, dataset.test.images, config.batch_size),
+        model_file=model_file,
+        files=(model_file,),
+        params=int(model.count_params()),
+        grad_cam_layer=models.grad_cam_layer(model),
     )
-    return fingerprint(settings)
 
 
-def _train_or_reuse(
-    name: str, config: TrainConfig, dataset: Dataset, weight_choices: dict[str, str]
-) -> dict:
-    run_dir = config.out_dir / "runs" / name
-    weights = None if name == "baseline" else models.resolve_weights(name, weight_choices[name])
-    run_fingerprint = _run_fingerprint(name, config, dataset, weights)
-    record = None if config.overwrite else _reusable_record(run_dir, run_fingerprint)
-    with (
-        _out_of_memory_as_user_error(name, config.batch_size),
-        distribution_scope(config.distribute, config.batch_size),
-    ):
-        if record is None:
-            model, record = train_model(name, config, dataset.train, dataset.val, weights,
-                                        run_dir, fingerprint=run_fingerprint)
-            record["fingerprint"] = run_fingerprint
-            with atomic_path(run_dir / "model.keras") as temporary:
-                model.save(temporary)
-            record["model_sha256"] = file_sha256(run_dir / "model.keras")
-            atomic_write_json(run_dir / "run.json", record)
-            kill_point("train", "run_saved")
-            # The checkpoint protects a run in progress; model.keras now holds the same weights.
-            (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
-        else:
-            LOG.info(
-                "%s: reusing %s (same configuration and dataset; --overwrite retrains)",
-                name,
-                run_dir,
-            )
-            model = load_classifier(run_dir / "model.keras", dataset.image_size,
-                                    str(run_dir / "run.json"))
-        return _predict_outcome(model, name, config, dataset, record)
+def _train_folds(name: str, config: TrainConfig, dataset: Dataset,
+                 weights: models.ResolvedWeights | None, plan: FoldPlan,
+                 mixed_precision: bool) -> ModelOutcome:
+    """Train (or reuse) ``runs/<name>/fold<k>/`` per fold; save the fold ensemble.
 
-
-@contextlib.contextmanager
-def _out_of_memory_as_user_error(name: str, batch_size: int) -> Iterator[None]:
-    try:
-        yield
-    except Exception as error:
-        if backend.is_out_of_memory(error):
-            raise UserError(
-                f"out of memory training {name} at --batch-size {batch_size}; lower "
-                "--batch-size or --train-size."
-            ) from error
-        raise
-
-
-def _reusable_record(run_dir: Path, fingerprint: str) -> dict | None:
-    try:
-        record = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-    if not isinstance(record, dict) or record.get("fingerprint") != fingerprint:
-        return None
-    try:
-        unchanged = file_sha256(run_dir / "model.keras") == record.get("model_sha256")
-    except OSError:
-        return None
-    if not unchanged:
-        LOG.warning("%s/model.keras changed since run.json was written: retraining",
-                    run_dir)
-    return record if unchanged else None
-
-
-def _predict_outcome(
-    model: keras.Model, name: str, config: TrainConfig, dataset: Dataset, record: dict
-) -> dict:
-    blocks = {}
-    for key, split in (("validation", dataset.val), ("test", dataset.test)):
-        probabilities = predict_batches(model, split.images, config.batch_size).reshape(-1)
-        blocks[key] = {
-            "paths": list(split.paths),
-            "patient_ids": list(split.patient_ids),
-            "y_true": [int(label) for label in split.labels],
-            "y_prob": [float(p) for p in probabilities.astype(np.float32)],
-        }
-    val_auc = auc(dataset.val.labels, blocks["validation"]["y_prob"])
-    test_auc = auc(dataset.test.labels, blocks["test"]["y_prob"])
-    LOG.info(
-        "%s: validation AUC %.3f, test AUC %s",
-        name,
-        val_auc,
-        "undefined" if test_auc is None else f"{test_auc:.3f}",
+    Each fold model predicts its own validation fold (the out-of-fold logits, in pooled
+    order) and the test split; the test logits of the ensemble are the mean of the folds'.
+    """
+    records, files, fold_auc, test_logits = [], [], [], []
+    oof_logits = np.zeros(len(plan.pooled), dtype=np.float32)
+    for fold in range(plan.folds):
+        start_model_session(mixed_precision)
+        train, val = plan.split(fold)
+        fold_run = FoldRun(fold, plan.folds, tuple(plan.patients(fold)))
+        model, record = train_or_reuse(name, config, (train, val), dataset.digest, weights,
+                                       config.out_dir / "runs" / name / f"fold{fold}", fold_run)
+        val_logits = predict_logits(model, val.images, config.batch_size)
+        oof_logits[plan.validation_indices(fold)] = val_logits
+        fold_auc.append(auc(val.labels, sigmoid(val_logits)))
+        test_logits.append(predict_logits(model, dataset.test.images, config.batch_size))
+        records.append(record)
+        files.append(f"runs/{name}/fold{fold}/{MODEL_FILE}")
+    start_model_session(mixed_precision)
+    ensemble = build_ensemble([_load(config.out_dir, file, dataset) for file in files], name)
+    ensemble_file = f"runs/{name}/ensemble.keras"
+    with atomic_path(config.out_dir / ensemble_file) as temporary:
+        ensemble.save(temporary)
+    LOG.info("%s: %d-fold out-of-fold validation AUC %.3f (folds %s); ensemble %s", name,
+             plan.folds, auc(plan.pooled.labels, sigmoid(oof_logits)),
+             ", ".join("n/a" if v is None else f"{v:.3f}" for v in fold_auc), ensemble_file)
+    return ModelOutcome(
+        name=name,
+        records=tuple(records),
+        val=plan.pooled,
+        val_logits=oof_logits,
+        test_logits=np.mean(np.stack(test_logits), axis=0, dtype=np.float32),
+        model_file=ensemble_file,
+        files=(*files, ensemble_file),
+        params=int(ensemble.count_params()),
+        grad_cam_layer=models.grad_cam_layer(ensemble),
+        fold_val_auc=tuple(fold_auc),
     )
-    fields = (
-        "history",
-        "params",
-        "weights_source",
-        "train_seconds",
-        "images_per_second",
-        "n_train_images",
-        "class_weight",
-        "fine_tuned_layers",
-    )
-    return {
-        **{field: record[field] for field in fields},
-        "val_auc": val_auc,
-        "test_auc": test_auc,
-        "grad_cam_layer": models.grad_cam_layer(model),
-        "model_path": f"runs/{name}/model.keras",
-        **blocks,
-    }
 
 
-def _save_selected(out_dir: Path, model_path: str, image_size: int) -> None:
-    source = out_dir / model_path
+def _load(out_dir: Path, relative: str, dataset: Dataset) -> keras.Model:
+    return load_classifier(out_dir / relative, dataset.image_size, contract.RESULTS_FILE,
+                           dataset.channels)
+
+
+def _save_selected(out_dir: Path, outcome: ModelOutcome, temperature: float,
+                   dataset: Dataset) -> str | list[str]:
+    """Write the selected model with its temperature as .keras and .h5; its Grad-CAM layer."""
+    selected = with_temperature(_load(out_dir, outcome.model_file, dataset), temperature)
     with atomic_path(out_dir / contract.MODEL_FILES["keras"]) as temporary:
-        shutil.copyfile(source, temporary)
-    model = load_classifier(source, image_size, contract.RESULTS_FILE)
+        selected.save(temporary)
     absl_logger = logging.getLogger("absl")
     previous = absl_logger.level
     absl_logger.setLevel(logging.ERROR)  # the .h5 is kept on purpose; hide Keras' legacy notice
     try:
         with atomic_path(out_dir / contract.MODEL_FILES["h5"]) as temporary:
-            model.save(temporary)
+            selected.save(temporary)
     finally:
         absl_logger.setLevel(previous)
+    return models.grad_cam_layer(selected)
 
 
-def _results(config, dataset, outcomes, best, threshold, mixed_precision) -> dict:
+def _results(config: TrainConfig, dataset: Dataset, outcomes: dict[str, ModelOutcome],
+             best: str, fit: TemperatureFit, selected_layer: str | list[str],
+             mixed_precision: bool) -> dict:
+    entries = {
+        name: model_entry(outcome, dataset.test, fit=fit, model_path=contract.MODEL_FILES[
+            "keras"], grad_cam_layer=selected_layer) if name == best
+        else model_entry(outcome, dataset.test)
+        for name, outcome in outcomes.items()
+    }
+    validation = "validation" if config.folds == 1 else "pooled out-of-fold validation"
+    threshold = youden_threshold(outcomes[best].val.labels,
+                                 np.asarray(entries[best]["validation"]["y_prob"]))
+    # lungct.threshold's rule, applied to the calibrated (and, with folds, pooled) probabilities.
+    threshold["rule"] = ("youden_j_on_calibrated_validation" if config.folds == 1
+                         else "youden_j_on_calibrated_pooled_out_of_fold_validation")
     return {
         "class_names": list(contract.CLASS_NAMES),
         "best_model": best,
         "selection": {
             "metric": "val_auc",
-            "rule": "highest validation AUC; ties: first in --models",
+            "rule": f"highest {validation} AUC; ties: first in --models",
         },
         "threshold": threshold,
-        "models": outcomes,
-        "validation": outcomes[best]["validation"],
-        "test": outcomes[best]["test"],
-        "config": {**config.to_json(), "image_size": dataset.image_size},
+        "calibration": calibration_block(fit, config.folds),
+        "models": entries,
+        "validation": entries[best]["validation"],
+        "test": entries[best]["test"],
+        "config": {**config.to_json(), "image_size": dataset.image_size,
+                   "channels": dataset.channels},
         "environment": {
             **backend.environment(),
             "mixed_precision": mixed_precision,
@@ -305,25 +296,3 @@ def _results(config, dataset, outcomes, best, threshold, mixed_precision) -> dic
         "dataset_manifest_sha256": dataset.digest,
         "model_files": dict(contract.MODEL_FILES),
     }
-
-
-def _log_summary(results: dict, out_dir: Path) -> None:
-    for name, outcome in results["models"].items():
-        test_auc = outcome["test_auc"]
-        LOG.info(
-            "%-9s val AUC %.3f  test AUC %s  %6.1f s  %s%s",
-            name,
-            outcome["val_auc"],
-            "  n/a" if test_auc is None else f"{test_auc:.3f}",
-            outcome["train_seconds"],
-            outcome["weights_source"],
-            "  <- selected" if name == results["best_model"] else "",
-        )
-    LOG.info(
-        "threshold %.4f (Youden's J on validation); wrote %s, %s and %s in %s",
-        results["threshold"]["value"],
-        contract.MODEL_FILES["h5"],
-        contract.MODEL_FILES["keras"],
-        contract.RESULTS_FILE,
-        out_dir.resolve(),
-    )
