@@ -212,13 +212,13 @@ def split_model(model: keras.Model, target: TargetLayer) -> tuple[keras.Model, k
                          "(the pre-sigmoid Dense output that Grad-CAM explains)")
     logit = model.get_layer(LOGIT_LAYER).output
     if target.backbone is None:
-        feature = _submodel(model.input, target.layer.output, target.name)
+        feature = _submodel(model.inputs[0], target.layer.output, target.name)
         return feature, _submodel(target.layer.output, logit, target.name)
     outer_in, outer_out = _outer_call_tensors(target.backbone)
-    prefix = _submodel(model.input, outer_in, "the backbone input")
+    prefix = _submodel(model.inputs[0], outer_in, "the backbone input")
     inner_head = _submodel(target.backbone.input, target.layer.output, target.name)
     suffix = _submodel(outer_out, logit, "the backbone output")
-    images = keras.Input(batch_shape=model.input.shape, dtype=model.input.dtype)
+    images = keras.Input(batch_shape=model.inputs[0].shape, dtype=model.inputs[0].dtype)
     feature = keras.Model(images, inner_head(prefix(images)))
     features = keras.Input(batch_shape=target.layer.output.shape,
                            dtype=target.layer.output.dtype)
@@ -290,7 +290,7 @@ class GradCam:
             raise ValueError(f"method must be one of {tuple(CAM_METHODS)}, got {method!r}")
         self.model = model
         self.method = method
-        self.image_shape = tuple(int(d) for d in model.input.shape[1:])
+        self.image_shape = tuple(int(d) for d in model.inputs[0].shape[1:])
         self.members = ([GradCam(member, layer_name, method)
                          for member in ensemble_members(model)] if is_ensemble(model) else [])
         self.target: TargetLayer | None = None

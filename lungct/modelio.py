@@ -92,7 +92,7 @@ def logit_model(model: keras.Model) -> keras.Model:
     """
     if not any(layer.name == TEMPERATURE_LAYER for layer in model.layers):
         raise ValueError(f"model {model.name!r} has no {TEMPERATURE_LAYER!r} layer")
-    return keras.Model(model.inputs, model.get_layer(TEMPERATURE_LAYER).input,
+    return keras.Model(model.inputs[0], model.get_layer(TEMPERATURE_LAYER).input,
                        name=f"{model.name}_logit")
 
 

@@ -48,7 +48,7 @@ def with_temperature(model: keras.Model, temperature: float) -> keras.Model:
         ValueError: T not positive and finite, or a model without a temperature layer.
     """
     logit = logit_model(model).output
-    return keras.Model(model.inputs, _temperature_head(logit, temperature), name=model.name)
+    return keras.Model(model.inputs[0], _temperature_head(logit, temperature), name=model.name)
 
 
 def _member(model: keras.Model, fold: int) -> keras.Model:

@@ -391,7 +391,7 @@ def split_below_top_layers(
     except ValueError:
         return None
     prefix_layer = model.layers[model.layers.index(backbone) - 1]
-    prefix = keras.Model(model.input, prefix_layer.output)
+    prefix = keras.Model(model.inputs[0], prefix_layer.output)
     bottom = keras.Model(backbone.input, cut)
     suffix = keras.Model(model.get_layer("pooling").input, model.output)
     image = keras.Input(shape=tuple(model.inputs[0].shape[1:]), dtype="uint8", name="image")
