@@ -8,6 +8,7 @@ gradient of a logit with respect to an intermediate feature map (Grad-CAM, Selva
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from collections.abc import Callable
 
@@ -25,6 +26,7 @@ __all__ = [
     "list_devices",
     "make_logit_and_feature_grads",
     "supports_bf16",
+    "tensorboard_available",
     "training_jit_compile",
 ]
 
@@ -107,6 +109,20 @@ def training_jit_compile() -> bool:
     path is JAX).
     """
     return backend_name() == "jax"
+
+
+def tensorboard_available() -> bool:
+    """Whether Keras' TensorBoard callback can log: on the TensorFlow backend only (it writes
+    through ``tf.summary``; the JAX-only GPU install has no TensorFlow), with the
+    ``tensorboard`` package installed (TensorFlow 2.21 no longer brings it; a warning says so).
+    """
+    if backend_name() != "tensorflow":
+        return False
+    if importlib.util.find_spec("tensorboard") is None:
+        LOG.warning("no TensorBoard logs: the tensorboard package is not installed "
+                    "(pip install tensorboard)")
+        return False
+    return True
 
 
 def is_out_of_memory(error: BaseException) -> bool:

@@ -5,6 +5,11 @@ Phase 1 trains the baseline CNN from scratch on augmented images. Phase 2 trains
 ResNet50 with the backbone frozen (``training=False``), then fine-tunes its top layers at a
 10x lower learning rate; with cached features, the frozen part of the backbone runs once over
 the images and the rest trains on its activations.
+
+An interrupted run continues from ``runs/<model>/checkpoint.npz`` (lungct.train.checkpoint)
+when it was written by the same run (same fingerprint) and ``--overwrite`` is off: the model is
+built and frozen/unfrozen as before, and lungct.train.loop.fit_phase skips the phases that had
+ended and restores the rest.
 """
 
 from __future__ import annotations
@@ -24,10 +29,11 @@ from lungct.sampling import stratified_draw
 from lungct.train import models
 from lungct.train.augment import AugmentationRanges, augmented_model
 from lungct.train.batches import predict_batches
+from lungct.train.checkpoint import read_checkpoint
 from lungct.train.config import TrainConfig
 from lungct.train.distribute import MIRRORED_NAN_HINT, FiniteLossCheck
 from lungct.train.image_cache import SplitData
-from lungct.train.loop import PhaseTracker, fit_phase
+from lungct.train.loop import CHECKPOINT_FILE, PhaseTracker, fit_phase
 
 __all__ = ["FINE_TUNE_LR_FACTOR", "train_model"]
 
@@ -61,18 +67,24 @@ def train_model(
     """Build and train model ``name`` (phase 1 or 2); return it with its run record.
 
     ``fingerprint`` identifies the run (settings and dataset, lungct.train.stage): a checkpoint
-    left in ``run_dir`` by an interrupted run resumes only when it carries the same one.
+    left in ``run_dir`` by an interrupted run resumes only when it carries the same one (and
+    ``config.overwrite`` is off); the resumed run ends with the weights and history of an
+    uninterrupted one (bit-identical on TensorFlow/CPU, tests/test_train_resume.py).
 
     The record holds the history, parameter count, weights source, timing, training images,
     class weights and the fine-tuned layers. The best validation-AUC weights are restored.
     """
     keras.utils.set_random_seed(config.seed)
-    started = time.perf_counter()
     if config.max_train_images and len(train) > config.max_train_images:
         train = train.subset(stratified_draw(train.labels, config.max_train_images, config.seed))
     class_weight = _balanced_class_weights(train.labels)
-    model = models.build_model(name, int(train.images.shape[1]), config.train_size, weights)
-    tracker = PhaseTracker(model, run_dir, verbose=_progress_verbosity(config.progress))
+    model = models.build_model(name, int(train.images.shape[1]), config.train_size, weights,
+                               channels=int(train.images.shape[-1]))
+    tracker = PhaseTracker(
+        model, run_dir, verbose=_progress_verbosity(config.progress), fingerprint=fingerprint
+    )
+    if not config.overwrite:
+        tracker.resume = read_checkpoint(run_dir / CHECKPOINT_FILE, fingerprint)
     hint = MIRRORED_NAN_HINT if config.distribute == "mirrored" else "lower --learning-rate"
     common = dict(
         tracker=tracker,
@@ -96,7 +108,7 @@ def train_model(
     else:
         fine_tuned = _train_transfer(model, name, config, train, ranges, common)
     tracker.restore_best()
-    seconds = time.perf_counter() - started
+    seconds = tracker.train_seconds
     record = {
         "history": tracker.history,
         "params": int(model.count_params()),
