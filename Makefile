@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-slow deps lint check-install bench clean
+.PHONY: setup demo test test-slow test-distributed deps lint check-install bench clean
 
 # Pinned dependencies first, then lungct itself, editable (built offline by the venv's setuptools).
 $(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
@@ -24,6 +24,11 @@ demo: setup
 		--target-count 1000
 	$(PY) training_lung_cnn.py
 	$(PY) interpretation.py
+	$(PY) predict_lung_ct.py --input raw_synthetic --out predictions $$($(PY) -c \
+		"import csv; rows = csv.DictReader(open('output_dataset/manifest.csv')); \
+		ids = sorted({r['patient_id'] for r in rows if r['split'] == 'test'})[:2]; \
+		print(' '.join('--patient-id ' + i for i in ids))")
+	@echo "Scored two synthetic test series: predictions/summary.csv (research use only)"
 
 # deptry and import-linter first (seconds; output only on failure), then the tests.
 test: setup
@@ -33,7 +38,11 @@ test: setup
 
 # The slow matrices (every kill point, concurrency variants); CI runs them after `make test`.
 test-slow: setup
-	$(PY) -m pytest -q -m slow
+	$(PY) -m pytest -q -m slow --ignore=tests/test_train_multiprocess.py
+
+# Two training processes (JAX, one CPU device each, localhost) against one; CI runs it too.
+test-distributed: setup
+	$(PY) -m pytest -q -m slow tests/test_train_multiprocess.py
 
 # Imports of lungct against pyproject.toml's dependencies and extras ([tool.deptry]).
 deps: setup
@@ -73,6 +82,7 @@ bench: setup
 	$(PY) benchmarks/bench_metrics.py --units 150 --out benchmarks/out/metrics_150.json -q
 	$(PY) benchmarks/bench_metrics.py --units 1000 --out benchmarks/out/metrics_1000.json -q
 	$(PY) benchmarks/bench_decode.py --out benchmarks/out/decode.json
+	$(PY) benchmarks/bench_predict.py --out benchmarks/out/predict.json
 
 clean:
 	rm -rf build dist lungct.egg-info

@@ -26,6 +26,7 @@ import pytest
 from lungct.errors import UserError
 from lungct.prepare.archives import extract_archive, extraction_folder, marker_path
 from lungct.prepare.cli import main
+from lungct.prepare.header_index import INDEX_NAME
 from lungct.prepare.sources import resolve_source
 from lungct.synthetic.cohort import generate_cohort
 
@@ -56,7 +57,8 @@ def snapshot(root: Path) -> Snapshot:
 def assert_untouched(before: Snapshot, after: Snapshot, *allowed: str) -> None:
     """Nothing outside ``allowed`` (relative paths, each covering what lies below it) was
     created, deleted or modified; folders above an allowed path may be created, or get new
-    entries, but are never replaced. New ``*.lock`` files (lungct's run locks) are allowed."""
+    entries, but are never replaced. New ``*.lock`` files (lungct's run locks) and the header
+    index in the work folder (prepare's private cache) are allowed."""
 
     def inside(rel: str) -> bool:
         return any(rel == path or rel.startswith(path + "/") for path in allowed)
@@ -64,7 +66,8 @@ def assert_untouched(before: Snapshot, after: Snapshot, *allowed: str) -> None:
     def above(rel: str) -> bool:
         return any(path.startswith(rel + "/") for path in allowed)
 
-    locks = [rel for rel in set(after) - set(before) if LOCK_FILE.fullmatch(rel.split("/")[-1])]
+    locks = [rel for rel in set(after) - set(before)
+             if LOCK_FILE.fullmatch(rel.split("/")[-1]) or rel.split("/")[-1] == INDEX_NAME]
     allowed = (*allowed, *locks)
     for rel in sorted(set(before) | set(after)):
         if inside(rel):

@@ -1,4 +1,5 @@
-"""Tests for lungct.train.distribute on 2 CPU devices, and for the JAX backend.
+"""Tests for lungct.train.distribute on 2 CPU devices, for the JAX backend, and for the
+multi-process settings (the 2-process run itself: tests/test_train_multiprocess.py).
 
 Keras picks its backend at import and XLA its device count at start-up, so the JAX checks
 (data-parallel, the compiled training step, augmentation, gradients) share one fresh Python
@@ -10,15 +11,27 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from lungct.errors import UserError
-from lungct.train.distribute import FiniteLossCheck, distribution_scope
+from lungct.train import batches
+from lungct.train.batches import ArrayBatches
+from lungct.train.distribute import (
+    MULTI_PROCESS_VARIABLES,
+    FiniteLossCheck,
+    data_shard,
+    distribution_scope,
+    is_primary,
+    join_processes,
+    process_count,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -206,3 +219,85 @@ def test_losses_after_the_checked_batches_are_not_read() -> None:
     check.on_train_begin()
     check.on_train_batch_end(0, {"loss": 0.5})
     check.on_train_batch_end(1, {"loss": math.inf})
+
+
+@pytest.fixture()
+def job_environment(monkeypatch: pytest.MonkeyPatch):
+    """A clean environment for the multi-process variables; returns a setter."""
+    for name in (*MULTI_PROCESS_VARIABLES, "SLURM_JOB_ID", "SLURM_NTASKS"):
+        monkeypatch.delenv(name, raising=False)
+
+    def set_variables(**values: str) -> None:
+        for name, value in values.items():
+            monkeypatch.setenv(name, value)
+
+    return set_variables
+
+
+JOB = {
+    "KERAS_DISTRIBUTION_JOB_ADDRESSES": "10.0.0.1:1234",
+    "KERAS_DISTRIBUTION_NUM_PROCESSES": "2",
+    "KERAS_DISTRIBUTION_PROCESS_ID": "1",
+}
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"KERAS_DISTRIBUTION_PROCESS_ID": ""},
+         "KERAS_DISTRIBUTION_JOB_ADDRESSES, KERAS_DISTRIBUTION_NUM_PROCESSES is set but "
+         "KERAS_DISTRIBUTION_PROCESS_ID is not"),
+        ({"KERAS_DISTRIBUTION_NUM_PROCESSES": "two"},
+         "KERAS_DISTRIBUTION_NUM_PROCESSES='two' must be a whole number >= 1"),
+        ({"KERAS_DISTRIBUTION_PROCESS_ID": "2"},
+         "KERAS_DISTRIBUTION_PROCESS_ID='2' must be a whole number from 0 to 1"),
+        ({"KERAS_DISTRIBUTION_JOB_ADDRESSES": "a:1,b:2,c:3"},
+         "KERAS_DISTRIBUTION_JOB_ADDRESSES lists 3 addresses but "
+         "KERAS_DISTRIBUTION_NUM_PROCESSES is 2"),
+    ],
+)
+def test_bad_job_variables_are_one_sentence(job_environment, changes: dict, message: str) -> None:
+    """Incomplete or out-of-range KERAS_DISTRIBUTION_* variables name the variable."""
+    job_environment(**{**JOB, **changes})
+    with pytest.raises(UserError, match=re.escape(message)):
+        join_processes("data-parallel")
+
+
+def test_a_job_needs_the_jax_backend(job_environment) -> None:
+    """Two processes asked for on TensorFlow (this suite's backend): refused before joining."""
+    job_environment(**JOB)
+    with pytest.raises(UserError, match="ask for 2 processes, but multi-process training "
+                                        "needs the JAX backend"):
+        join_processes("data-parallel")
+
+
+def test_slurm_with_several_tasks_is_a_job(job_environment) -> None:
+    """Under SLURM, SLURM_NTASKS > 1 asks for a job (JAX then reads SLURM itself)."""
+    job_environment(SLURM_JOB_ID="42", SLURM_NTASKS="4")
+    with pytest.raises(UserError, match="SLURM ask for 4 processes"):
+        join_processes("data-parallel")
+
+
+def test_nothing_to_join_alone(job_environment) -> None:
+    """One SLURM task, no variables, or another mode: one process, process 0, shard (0, 1)."""
+    job_environment(SLURM_JOB_ID="42", SLURM_NTASKS="1")
+    join_processes("data-parallel")
+    job_environment(**JOB)
+    join_processes("none")
+    assert (process_count(), is_primary(), data_shard()) == (1, True, (0, 1))
+
+
+def test_each_process_feeds_its_slice_of_the_global_batch(monkeypatch) -> None:
+    """Process k of P yields rows [k B/P, (k+1) B/P) of the batch one process would draw."""
+    images = np.arange(20, dtype=np.uint8).reshape(20, 1, 1, 1)
+    labels = np.arange(20) % 2
+    whole = ArrayBatches(images, labels, 8, shuffle=True, seed=5, drop_remainder=True)
+    monkeypatch.setattr(batches, "data_shard", lambda: (1, 2))
+    second = ArrayBatches(images, labels, 8, shuffle=True, seed=5, drop_remainder=True)
+    assert len(second) == len(whole) == 2
+    for index in range(2):
+        assert np.array_equal(second[index][0], whole[index][0][4:])
+        assert np.array_equal(second[index][2], whole[index][2][4:])
+    monkeypatch.setattr(batches, "data_shard", lambda: (0, 3))
+    with pytest.raises(UserError, match="--batch-size 8 does not split evenly over 3 processes"):
+        ArrayBatches(images, labels, 8)

@@ -20,7 +20,10 @@ from lungct.cli import (
 )
 from lungct.errors import UserError
 
-__all__ = ["build_parser", "main"]
+__all__ = ["SCHEDULER_ENV", "build_parser", "main"]
+
+#: Dask's own variable for the scheduler address, read for --executor dask only.
+SCHEDULER_ENV = "DASK_SCHEDULER_ADDRESS"
 
 
 def _fractions(text: str) -> tuple[float, float, float]:
@@ -85,9 +88,24 @@ def build_parser() -> argparse.ArgumentParser:
                      help="at most this many images per patient and class")
     lab.add_argument("--seed", type=non_negative_int, default=42)
     parser.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1,
-                        help="processes for reading and writing")
+                        help="processes for reading and writing (with --executor dask and no "
+                             "scheduler: the LocalCluster's worker processes)")
+    parser.add_argument("--executor", choices=("local", "dask"), default="local",
+                        help="local: this machine's process pool; dask: a Dask cluster "
+                             "(pip install 'lungct[dask]'), a LocalCluster unless "
+                             "--dask-scheduler names a running one")
+    parser.add_argument("--dask-scheduler", default=None, metavar="ADDRESS",
+                        help="address of a running Dask scheduler, e.g. tcp://host:8786 "
+                             f"(default: ${SCHEDULER_ENV} when --executor dask)")
     add_logging_flags(parser)
     return parser
+
+
+def _scheduler_address(args: argparse.Namespace) -> str | None:
+    """--dask-scheduler, else $DASK_SCHEDULER_ADDRESS for --executor dask, else None."""
+    if args.dask_scheduler is not None or args.executor != "dask":
+        return args.dask_scheduler
+    return os.environ.get(SCHEDULER_ENV) or None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
                 negative_margin_mm=args.negative_margin_mm, label_rule=rule, seed=args.seed,
                 synthetic_patients=args.synthetic_patients,
                 synthetic_size_px=args.synthetic_size, pseudonymise=args.pseudonymise,
-                workers=args.workers, overwrite=args.overwrite,
+                workers=args.workers, executor=args.executor,
+                dask_scheduler=_scheduler_address(args), overwrite=args.overwrite,
             )
         except ValueError as error:
             raise UserError(f"invalid argument: {error}") from None

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lungct.prepare import dicom, lidc, sources
+from lungct.prepare.executors import EXECUTORS
 from lungct.prepare.split import split_patients
 
 __all__ = ["MAX_CONTEXT_MM", "MAX_MARGIN_MM", "MAX_PATCH_MM", "MAX_WINDOW_HU", "PrepareConfig"]
@@ -46,6 +47,8 @@ class PrepareConfig:
     synthetic_size_px: int = 0  # 0 = the synthetic module's default
     pseudonymise: bool = False
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    executor: str = "local"  # where tasks run (lungct.prepare.executors); never in the hash
+    dask_scheduler: str | None = None  # a running Dask scheduler; None = a LocalCluster
     overwrite: bool = False
 
     def __post_init__(self) -> None:
@@ -67,6 +70,15 @@ class PrepareConfig:
                              f"{self.negative_margin_mm:g}")
         if self.workers < 1:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
+        if self.executor not in EXECUTORS:
+            raise ValueError(f"executor must be one of {', '.join(EXECUTORS)}, got "
+                             f"{self.executor!r}")
+        if self.dask_scheduler is not None:
+            if self.executor != "dask":
+                raise ValueError("--dask-scheduler needs --executor dask")
+            if not self.dask_scheduler.strip() or any(c.isspace() for c in self.dask_scheduler):
+                raise ValueError(f"--dask-scheduler must be an address such as "
+                                 f"tcp://host:8786, got {self.dask_scheduler!r}")
         if self.max_patients is not None and self.max_patients < 1:
             raise ValueError(f"max patients must be >= 1, got {self.max_patients}")
         center_hu, width_hu = dicom.parse_window(self.window)
@@ -87,9 +99,10 @@ class PrepareConfig:
             )
 
     def hashed_settings(self) -> dict:
-        """The settings that decide the output (not paths, workers or overwrite)."""
+        """The settings that decide the output (not paths, workers, executor or overwrite)."""
         settings = asdict(self)
-        for key in ("input_path", "output_dir", "work_dir", "workers", "overwrite", "labels_csv"):
+        for key in ("input_path", "output_dir", "work_dir", "workers", "executor",
+                    "dask_scheduler", "overwrite", "labels_csv"):
             settings.pop(key)
         settings["label_rule"] = self.label_rule.to_dict()
         return settings

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lungct.errors import UserError
-from lungct.parallel import pool_map
 from lungct.prepare import dicom
 from lungct.prepare.candidates import (
     IMAGE_SUFFIXES,
@@ -28,6 +27,8 @@ from lungct.prepare.candidates import (
     lidc_candidates,
     relative_display_path,
 )
+from lungct.prepare.executors import Executor
+from lungct.prepare.header_index import read_headers
 from lungct.prepare.lidc_xml import (
     LidcParseError,
     Readings,
@@ -39,16 +40,9 @@ from lungct.prepare.series import assemble_series
 if TYPE_CHECKING:
     from lungct.prepare.config import PrepareConfig
 
-__all__ = ["Found", "find_candidates"]
+__all__ = ["Found", "HeaderSource", "find_candidates"]
 
 LOG = logging.getLogger(__name__)
-
-
-def _header_or_reason(path: Path) -> dicom.SliceHeader | str:
-    try:
-        return dicom.read_header(path)
-    except dicom.UnusableFileError as skip:
-        return str(skip)
 
 
 @dataclass
@@ -67,10 +61,20 @@ class Found:
     series: dict[str, int] = field(default_factory=dict)
 
 
-def _index_dicom(files: list[Path], workers: int, skipped: dict[Path, str]) -> list:
+@dataclass(frozen=True)
+class HeaderSource:
+    """Where headers come from: the executor that reads them and the persistent index
+    (:mod:`lungct.prepare.header_index`; None = read every header)."""
+
+    executor: Executor
+    index_file: Path | None
+
+
+def _index_dicom(files: list[Path], root: Path, source: HeaderSource,
+                 skipped: dict[Path, str]) -> list[dicom.SliceHeader]:
     headers = []
-    for path, result in zip(files, pool_map(_header_or_reason, files, workers, "index"),
-                            strict=True):
+    for path, result in zip(files, read_headers(files, root, source.executor,
+                                                source.index_file), strict=True):
         if isinstance(result, str):
             skipped[path] = result
         else:
@@ -79,7 +83,7 @@ def _index_dicom(files: list[Path], workers: int, skipped: dict[Path, str]) -> l
 
 
 def _from_lidc(config: PrepareConfig, root: Path, files: list[Path], xml_files: list[Path],
-               skipped: dict[Path, str]) -> Found:
+               skipped: dict[Path, str], header_source: HeaderSource) -> Found:
     def rel(path: Path) -> str:
         return relative_display_path(path, root)
 
@@ -95,7 +99,8 @@ def _from_lidc(config: PrepareConfig, root: Path, files: list[Path], xml_files: 
         else:
             readings_by_series[readings.series_uid] = readings
     xml_set = set(xml_files)
-    headers = _index_dicom([f for f in files if f not in xml_set], config.workers, skipped)
+    headers = _index_dicom([f for f in files if f not in xml_set], root, header_source,
+                           skipped)
     series_list, dropped = assemble_series(headers)
     skipped.update(dict(dropped))
     candidates: list[Candidate] = []
@@ -126,17 +131,15 @@ def _from_lidc(config: PrepareConfig, root: Path, files: list[Path], xml_files: 
                   "z_gaps": sum(s.z_gaps for s in series_list)})
 
 
-def _patient_finder(config: PrepareConfig, root: Path) -> Callable[[Path], str | None]:
+def _patient_finder(config: PrepareConfig, root: Path, headers: list[dicom.SliceHeader]
+                    ) -> Callable[[Path], str | None]:
+    """(0010,0020) PatientID of an indexed header, else the patient regex on the path."""
     pattern = re.compile(config.patient_regex)
+    patients = {header.path: header.patient_id for header in headers}
 
     def patient_of(path: Path) -> str | None:
-        if path.suffix.lower() not in IMAGE_SUFFIXES:
-            try:
-                patient = dicom.read_header(path).patient_id
-            except dicom.UnusableFileError:
-                patient = ""
-            if patient:
-                return patient
+        if patients.get(path):
+            return patients[path]
         match = pattern.search(relative_display_path(path, root))
         return match.group(0) if match else None
 
@@ -144,29 +147,32 @@ def _patient_finder(config: PrepareConfig, root: Path) -> Callable[[Path], str |
 
 
 def _from_user_labels(config: PrepareConfig, root: Path, files: list[Path],
-                      skipped: dict[Path, str]) -> Found:
+                      skipped: dict[Path, str], header_source: HeaderSource) -> Found:
     images = [f for f in files if f.suffix.lower() in IMAGE_SUFFIXES]
     others = [f for f in files if f.suffix.lower() not in IMAGE_SUFFIXES]
-    headers = _index_dicom(others, config.workers, skipped)
+    headers = _index_dicom(others, root, header_source, skipped)
     usable = images + [h.path for h in headers]
     usable.sort()
     if config.labels_csv is not None:
         candidates, reasons = csv_candidates(Path(config.labels_csv), root, usable)
         source = "labels_csv"
     else:
-        candidates, reasons = folder_candidates(root, usable, _patient_finder(config, root))
+        candidates, reasons = folder_candidates(root, usable,
+                                                _patient_finder(config, root, headers))
         source = "class_folders"
     skipped.update(reasons)
     return Found(candidates, skipped, source, patient_ids=frozenset(h.patient_id for h in headers))
 
 
 def find_candidates(config: PrepareConfig, root: Path, files: list[Path],
-                     skipped: dict[Path, str]) -> Found:
+                    skipped: dict[Path, str], header_source: HeaderSource) -> Found:
     """Candidates of the input tree ``root`` (its ``files``) from the label source that applies.
 
     ``skipped`` (reasons keyed by path) is completed with every file that is not a candidate
     and returned in :class:`Found`; the caller makes relative names of its keys with
-    :func:`~lungct.prepare.candidates.relative_display_path`.
+    :func:`~lungct.prepare.candidates.relative_display_path`. Headers come from
+    ``header_source`` (each file's header is read at most once per run, and not at all when
+    the index holds it).
 
     Raises:
         UserError: no usable labels at all.
@@ -175,9 +181,9 @@ def find_candidates(config: PrepareConfig, root: Path, files: list[Path],
     if any(is_lidc_readings_file(f) for f in xml_files):
         if config.labels_csv is not None:
             LOG.warning("LIDC XML readings found: they label the data, --labels is ignored")
-        found = _from_lidc(config, root, files, xml_files, skipped)
+        found = _from_lidc(config, root, files, xml_files, skipped, header_source)
     else:
-        found = _from_user_labels(config, root, files, skipped)
+        found = _from_user_labels(config, root, files, skipped, header_source)
     if not found.candidates:
         hint = ""
         if any(re.fullmatch(r"nodule-\d+", part) for f in files for part in f.parts):

@@ -21,13 +21,14 @@ from lungct.faults import kill_point
 from lungct.fileio import atomic_write_bytes, fresh_staging, swap_into_place
 from lungct.fingerprint import fingerprint
 from lungct.locking import output_lock
-from lungct.parallel import pool_map
 from lungct.prepare import dicom, sources
 from lungct.prepare.archives import MARKER_SUFFIX
 from lungct.prepare.candidates import Candidate, relative_display_path
 from lungct.prepare.config import PrepareConfig
 from lungct.prepare.context import HuCache
-from lungct.prepare.label_sources import Found, find_candidates
+from lungct.prepare.executors import Executor, open_executor
+from lungct.prepare.header_index import index_path
+from lungct.prepare.label_sources import Found, HeaderSource, find_candidates
 from lungct.prepare.nodules import CLUSTERING_RULE
 from lungct.prepare.pseudonym import Pseudonymiser, masked_logging, pseudonymise
 from lungct.prepare.render import RenderSettings, read_hu, render
@@ -181,6 +182,8 @@ def run(config: PrepareConfig) -> dict:
 
 def _run_locked(config: PrepareConfig, output_dir: Path, masker: Pseudonymiser | None) -> dict:
     source = _resolve_source(config)
+    # absolute: workers of another process or machine (--executor dask) open these paths
+    source = dataclasses.replace(source, root=source.root.absolute())
     _check_not_nested(output_dir, source.root)
     files, links = _list_files(source.root)
     input_hash = _input_hash(config, source.root, files, source.description)
@@ -188,11 +191,13 @@ def _run_locked(config: PrepareConfig, output_dir: Path, masker: Pseudonymiser |
         LOG.info("%s is up to date (same settings and input): reusing it", output_dir)
         return contract.read_dataset_info(output_dir)
     LOG.info("source %s: %d files under %s", source.description, len(files), source.root)
-    found, skipped = _find_candidates(config, source, files, links, masker)
-    selection = _split_and_balance(config, found.candidates, skipped)
-    settings = _render_settings(config, found.label_source)
-    staging = fresh_staging(output_dir)
-    rows = _render_all(selection, settings, staging, config.workers, skipped)
+    with open_executor(config.executor, config.workers, config.dask_scheduler) as executor:
+        header_source = HeaderSource(executor, index_path(Path(config.work_dir)))
+        found, skipped = _find_candidates(config, source, files, links, masker, header_source)
+        selection = _split_and_balance(config, found.candidates, skipped)
+        settings = _render_settings(config, found.label_source)
+        staging = fresh_staging(output_dir).absolute()
+        rows = _render_all(selection, settings, staging, executor, skipped)
     kill_point("prepare", "rendered")
     dataset = _describe(config, source, found, settings, selection, rows, skipped, input_hash)
     if masker is not None:
@@ -220,15 +225,15 @@ def _resolve_source(config: PrepareConfig) -> sources.ResolvedSource:
 
 
 def _find_candidates(config: PrepareConfig, source: sources.ResolvedSource, files: list[Path],
-                     links: list[tuple[Path, str]], masker: Pseudonymiser | None
-                     ) -> tuple[Found, dict[str, str]]:
+                     links: list[tuple[Path, str]], masker: Pseudonymiser | None,
+                     header_source: HeaderSource) -> tuple[Found, dict[str, str]]:
     """Candidates from the label source, and a reason per unused file (relative names), both
     pseudonymised when ``masker`` is given."""
     root = source.root
     skipped: dict[Path, str] = dict(links)
     skipped.update({root / name: f"unsafe archive entry: {why}"
                     for name, why in source.refused_entries})
-    found = find_candidates(config, root, files, skipped)
+    found = find_candidates(config, root, files, skipped, header_source)
     skipped_rel = {relative_display_path(p, root): r for p, r in found.skipped.items()}
     if masker is not None:
         masker.add_patients(found.patient_ids)
@@ -294,12 +299,13 @@ def _tasks(samples: list[tuple[str, Candidate]]) -> list[list[tuple[str, Candida
     return tasks
 
 
-def _render_all(selection: Selection, settings: RenderSettings, staging: Path, workers: int,
-                skipped: dict[str, str]) -> list[dict]:
-    """Render every selected sample into ``staging``; manifest rows sorted by path."""
+def _render_all(selection: Selection, settings: RenderSettings, staging: Path,
+                executor: Executor, skipped: dict[str, str]) -> list[dict]:
+    """Render every selected sample into ``staging`` (one task per series part, run by
+    ``executor``, results in task order); manifest rows sorted by path."""
     tasks = _tasks(selection.samples)
-    results = pool_map(_render_task, [(task, settings, staging) for task in tasks], workers,
-                       "render")
+    results = executor.map(_render_task, [(task, settings, staging) for task in tasks],
+                           "render")
     rows: list[dict] = []
     for task, task_results in zip(tasks, results, strict=True):
         for (_, candidate), result in zip(task, task_results, strict=True):

@@ -1,7 +1,9 @@
 """Batches for Keras: a ``keras.utils.PyDataset`` over an array, and prediction in batches.
 
 Works on every Keras backend (no ``tf.data``). Batches have one shape, so the training and
-prediction steps compile once.
+prediction steps compile once. Under a multi-process ``DataParallel`` (lungct.train.distribute)
+each process yields its own contiguous slice of every global batch, and predictions are
+gathered from every process.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import keras
 import numpy as np
 
 from lungct.errors import UserError
+from lungct.train.distribute import data_shard, predict_sharded
 
 __all__ = ["ArrayBatches", "predict_batches"]
 
@@ -24,6 +27,10 @@ class ArrayBatches(keras.utils.PyDataset):
     compiles once. Evaluation batches keep every row, in order, and pad the last batch with
     weight-0 copies of its last row (``pad_final_batch``) for the same reason; weighted metrics
     ignore them and predictions are trimmed by the caller.
+
+    Under a multi-process distribution (read when the batches are made), ``batch_size`` is
+    the global batch: every process draws the same global batch (same order, same seed) and
+    yields rows ``[k B/P, (k+1) B/P)`` of it, process ``k`` of ``P``.
 
     Args:
         x: inputs, first axis = rows.
@@ -54,6 +61,12 @@ class ArrayBatches(keras.utils.PyDataset):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if len(x) != len(labels):
             raise ValueError(f"x has {len(x)} rows but labels has {len(labels)}")
+        self.shard_index, self.shard_count = data_shard()
+        if batch_size % self.shard_count:
+            raise UserError(
+                f"--batch-size {batch_size} does not split evenly over {self.shard_count} "
+                f"processes; use a multiple of {self.shard_count}."
+            )
         if drop_remainder and len(x) < batch_size:
             raise UserError(
                 f"{len(x)} training images are fewer than --batch-size {batch_size}; "
@@ -92,6 +105,10 @@ class ArrayBatches(keras.utils.PyDataset):
             # Sorted reads keep memory-map access sequential; rows stay paired with weights.
             sort = np.argsort(rows, kind="stable")
             rows, weights = rows[sort], weights[sort]
+        if self.shard_count > 1:
+            size = self.batch_size // self.shard_count
+            own = slice(self.shard_index * size, (self.shard_index + 1) * size)
+            rows, weights = rows[own], weights[own]
         return np.asarray(self.x[rows]), self.labels[rows], weights
 
     def on_epoch_end(self) -> None:
@@ -100,6 +117,12 @@ class ArrayBatches(keras.utils.PyDataset):
 
 
 def predict_batches(model: keras.Model, x: np.ndarray, batch_size: int) -> np.ndarray:
-    """``model.predict`` in full batches (the last one padded), so it compiles for one shape."""
+    """``model.predict`` in full batches (the last one padded), so it compiles for one shape.
+
+    Under a multi-process distribution every process gets every row
+    (lungct.train.distribute.predict_sharded).
+    """
     batches = ArrayBatches(x, np.zeros(len(x)), batch_size, pad_final_batch=True)
+    if batches.shard_count > 1:
+        return predict_sharded(model, batches, batch_size)[: len(x)]
     return np.asarray(model.predict(batches, verbose=0))[: len(x)]

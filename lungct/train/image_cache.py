@@ -3,7 +3,8 @@
 Each split's PNGs are decoded once into ``<dataset>/cache/<split>-<key>.npy`` (uint8,
 ``(N, S, S, channels)``), memory-mapped on later runs. The key is the fingerprint of
 manifest.csv and the size and modification time of every PNG of the split, so a changed
-manifest or image rebuilds the cache.
+manifest or image rebuilds the cache. In a multi-process job only process 0 writes the cache;
+the others read it (``write_cache=False``) or, when they cannot see it, decode into memory.
 """
 
 from __future__ import annotations
@@ -87,8 +88,9 @@ def check_split_classes(manifest: pd.DataFrame) -> None:
 
 
 def load_split(dataset_dir: Path, manifest: pd.DataFrame, split: str,
-               channels: int = 1) -> SplitData:
-    """Return ``split`` with its images, from the cache or decoded (then cached).
+               channels: int = 1, *, write_cache: bool = True) -> SplitData:
+    """Return ``split`` with its images, from the cache or decoded (then cached when
+    ``write_cache``; kept in memory otherwise).
 
     Raises:
         ValueError: ``split`` is not one of train/val/test.
@@ -99,7 +101,7 @@ def load_split(dataset_dir: Path, manifest: pd.DataFrame, split: str,
     dataset_dir = Path(dataset_dir)
     rows = manifest[manifest["split"] == split]
     paths = tuple(rows["path"])
-    images = _cached_images(dataset_dir, split, paths, channels)
+    images = _cached_images(dataset_dir, split, paths, channels, write_cache)
     return SplitData(
         name=split,
         paths=paths,
@@ -116,7 +118,7 @@ def _cache_key(dataset_dir: Path, split: str, paths: tuple[str, ...], channels: 
 
 
 def _cached_images(dataset_dir: Path, split: str, paths: tuple[str, ...],
-                   channels: int) -> np.ndarray:
+                   channels: int, write_cache: bool) -> np.ndarray:
     cache_dir = dataset_dir / CACHE_FOLDER
     cache_path = cache_dir / f"{split}-{_cache_key(dataset_dir, split, paths, channels)}.npy"
     if cache_path.is_file():
@@ -125,6 +127,10 @@ def _cached_images(dataset_dir: Path, split: str, paths: tuple[str, ...],
             LOG.debug("%s split: %d images memory-mapped from %s", split, len(paths), cache_path)
             return images
     images = decode_images(dataset_dir, paths, channels, desc=f"decoding {split} images")
+    if not write_cache:
+        LOG.info("%s split: no image cache at %s; %d images decoded into memory", split,
+                 cache_path, len(paths))
+        return images
     try:
         with atomic_path(cache_path) as temporary:
             np.save(temporary, images)

@@ -5,6 +5,11 @@ A finished run is reused when its ``run.json`` fingerprint (settings, model, dat
 weights, fine-tuned layers and, for a fold, the fold index, K and the fold's validation
 patients) equals the new one and ``model.keras`` still has the recorded SHA-256
 (lungct.fingerprint); otherwise lungct.train.phases trains it.
+
+In a multi-process job (lungct.train.distribute) every process trains, but only process 0
+writes: it runs :func:`train_or_reuse`, the others :func:`train_as_worker`, which trains in a
+scratch folder (seeded with the run's checkpoint, so that a resumed run resumes everywhere).
+All processes must agree on whether a run is reused, resumed or trained from the start.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import shutil
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,12 +35,13 @@ from lungct.modelio import load_classifier, logit_model
 from lungct.train import models
 from lungct.train.batches import predict_batches
 from lungct.train.config import TrainConfig
-from lungct.train.distribute import distribution_scope
+from lungct.train.distribute import agree_across_processes, distribution_scope, process_count
 from lungct.train.image_cache import SplitData
 from lungct.train.loop import CHECKPOINT_FILE
 from lungct.train.phases import train_model
 
-__all__ = ["MODEL_FILE", "RUN_FILE", "FoldRun", "predict_logits", "train_or_reuse"]
+__all__ = ["MODEL_FILE", "RUN_FILE", "FoldRun", "predict_logits", "train_as_worker",
+           "train_or_reuse"]
 
 LOG = logging.getLogger(__name__)
 
@@ -83,16 +91,19 @@ def train_or_reuse(
     """Train model ``name`` on ``data`` = (train, val) in ``run_dir``, or reuse that run.
 
     Returns the model (its ``model.keras``, T = 1) and its run record (lungct.train.phases
-    fields, ``fingerprint`` and ``model_sha256``).
+    fields, ``fingerprint`` and ``model_sha256``). In a multi-process job this is process 0's
+    part: the model it returns is read back from ``model.keras``, a copy on this process's
+    devices alone, which it can predict with while the others go on.
 
     Raises:
-        UserError: out of memory (naming --batch-size), or what training raises.
+        UserError: out of memory (naming --batch-size), the processes disagree on the run,
+            or what training raises.
     """
     train, val = data
     channels = int(train.images.shape[-1])
-    label = name if fold is None else f"{name} fold {fold.fold + 1}/{fold.folds}"
+    label = _label(name, fold)
     run_fingerprint = _run_fingerprint(name, config, dataset_digest, channels, weights, fold)
-    record = None if config.overwrite else _reusable_record(run_dir, run_fingerprint)
+    record = _agreed_record(run_dir, run_fingerprint, label, config.overwrite)
     if record is not None:
         LOG.info("%s: reusing %s (same configuration and dataset; --overwrite retrains)",
                  label, run_dir)
@@ -113,7 +124,64 @@ def train_or_reuse(
     kill_point("train", "run_saved")
     # The checkpoint protects a run in progress; model.keras now holds the same weights.
     (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
+    if process_count() > 1:
+        # model.predict cannot fetch outputs from other processes' devices.
+        model = load_classifier(run_dir / MODEL_FILE, int(train.images.shape[1]),
+                                str(run_dir / RUN_FILE), channels)
     return model, record
+
+
+def train_as_worker(
+    name: str,
+    config: TrainConfig,
+    data: tuple[SplitData, SplitData],
+    dataset_digest: str,
+    weights: models.ResolvedWeights | None,
+    run_dir: Path,
+    fold: FoldRun | None = None,
+) -> None:
+    """A process other than 0: train beside process 0 (same arguments as
+    :func:`train_or_reuse`), writing only into a scratch folder that is removed afterwards.
+
+    Raises:
+        UserError: the processes disagree on the run, out of memory, or what training raises.
+    """
+    train, val = data
+    channels = int(train.images.shape[-1])
+    label = _label(name, fold)
+    run_fingerprint = _run_fingerprint(name, config, dataset_digest, channels, weights, fold)
+    if _agreed_record(run_dir, run_fingerprint, label, config.overwrite) is not None:
+        return
+    with tempfile.TemporaryDirectory(prefix="lungct-worker-") as scratch:
+        checkpoint = run_dir / CHECKPOINT_FILE
+        if not config.overwrite and checkpoint.is_file():
+            shutil.copyfile(checkpoint, Path(scratch) / CHECKPOINT_FILE)
+        with (
+            _out_of_memory_as_user_error(label, config.batch_size),
+            distribution_scope(config.distribute, config.batch_size),
+        ):
+            train_model(name, config, train, val, weights, Path(scratch),
+                        fingerprint=run_fingerprint)
+
+
+def _label(name: str, fold: FoldRun | None) -> str:
+    return name if fold is None else f"{name} fold {fold.fold + 1}/{fold.folds}"
+
+
+def _agreed_record(run_dir: Path, expected: str, label: str, overwrite: bool) -> dict | None:
+    """The reusable run record (or ``None``), after every process of a job has found the same:
+    reuse, resume the same checkpoint, or train from the start."""
+    record = None if overwrite else _reusable_record(run_dir, expected)
+    if process_count() > 1:
+        checkpoint = run_dir / CHECKPOINT_FILE
+        if record is not None:
+            state = "reuse " + record["model_sha256"]
+        elif not overwrite and checkpoint.is_file():
+            state = "resume " + file_sha256(checkpoint)
+        else:
+            state = "train"
+        agree_across_processes(f"whether to reuse, resume or train {label} in {run_dir}", state)
+    return record
 
 
 @contextlib.contextmanager

@@ -10,6 +10,11 @@ validation AUC is selected; its temperature is fitted on its validation logits
 (``lung_cancer_cnn_enhanced.h5`` / ``.keras``); the decision threshold is chosen on the
 calibrated validation probabilities (Youden's J); ``training_results.json`` is written last
 (lungct.train.results, docs/formats.md).
+
+With ``--distribute data-parallel`` in a multi-process job (lungct.train.distribute), process 0
+runs all of the above and is the only one that locks the output, builds the image cache and
+writes; every other process waits at a barrier until the cache is built, reads it, and trains
+the same models and folds in the same order beside process 0 (:func:`_run_as_worker`).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from lungct.threshold import youden_threshold
 from lungct.train import models
 from lungct.train.calibration import TemperatureFit, fit_temperature, sigmoid
 from lungct.train.config import TrainConfig, resolve_config
+from lungct.train.distribute import barrier, is_primary, join_processes
 from lungct.train.ensemble import build_ensemble, with_temperature
 from lungct.train.folds import FoldPlan, plan_folds
 from lungct.train.image_cache import SplitData, check_split_classes, load_split
@@ -44,11 +50,22 @@ from lungct.train.results import (
     log_summary,
     model_entry,
 )
-from lungct.train.runs import MODEL_FILE, FoldRun, predict_logits, train_or_reuse
+from lungct.train.runs import (
+    MODEL_FILE,
+    FoldRun,
+    predict_logits,
+    train_as_worker,
+    train_or_reuse,
+)
 
 __all__ = ["Dataset", "load_dataset", "run", "start_model_session"]
 
 LOG = logging.getLogger(__name__)
+
+#: Barriers of a multi-process job: process 0 has built the image cache; it has written
+#: training_results.json (the others leave together with it).
+CACHE_BARRIER = "lungct image cache built"
+RESULTS_BARRIER = "lungct training results written"
 
 
 @dataclass(frozen=True)
@@ -64,17 +81,19 @@ class Dataset:
     provenance: dict
 
 
-def load_dataset(dataset_dir: Path) -> Dataset:
+def load_dataset(dataset_dir: Path, *, write_cache: bool = True) -> Dataset:
     """Read the manifest, refuse unusable splits, and load the three splits' images.
 
     The channel count (1, or 3 with 2.5D context) is ``dataset.json``'s
-    (``contract.dataset_channels``; 1 when the dataset has no dataset.json).
+    (``contract.dataset_channels``; 1 when the dataset has no dataset.json). Without
+    ``write_cache`` a missing image cache is decoded into memory and not written.
     """
     manifest = contract.read_manifest(dataset_dir)
     check_split_classes(manifest)
     provenance = contract.read_dataset_info(dataset_dir, required=False)
     channels = contract.dataset_channels(provenance)
-    splits = {split: load_split(dataset_dir, manifest, split, channels)
+    splits = {split: load_split(dataset_dir, manifest, split, channels,
+                                write_cache=write_cache)
               for split in contract.SPLITS}
     if len(splits["test"]) == 0:
         raise UserError(f"the test split of {dataset_dir} is empty.")
@@ -118,17 +137,55 @@ def start_model_session(mixed_precision: bool) -> None:
 def run(config: TrainConfig) -> dict:
     """Train, select and save; return the content written to ``training_results.json``.
 
+    In a multi-process job only process 0 returns that content; the others return ``{}``.
+
     Raises:
-        UserError: bad dataset, output folder, weights, or out of memory.
+        UserError: bad dataset, output folder, weights, out of memory, or a multi-process job
+            that cannot be joined or whose processes disagree.
     """
+    join_processes(config.distribute)
+    if not is_primary():
+        _run_as_worker(config)
+        return {}
     _check_output_dir(config.out_dir)
     with (output_lock(config.out_dir / contract.RESULTS_FILE, "train"),
           shared_lock(config.dataset_dir, "train")):
-        return _run_locked(config)
+        results = _run_locked(config)
+    barrier(RESULTS_BARRIER)
+    return results
+
+
+def _run_as_worker(config: TrainConfig) -> None:
+    """A process other than 0: train every model (and fold) in step with process 0, write
+    nothing, and leave once process 0 has written its results."""
+    barrier(CACHE_BARRIER)
+    with shared_lock(config.dataset_dir, "train"):
+        dataset = load_dataset(config.dataset_dir, write_cache=False)
+    config = resolve_config(config, dataset.image_size, backend.accelerator_kind())
+    mixed_precision = _mixed_precision_enabled(config.mixed_precision)
+    weight_choices = models.parse_weights_option(config.weights)
+    plan = (plan_folds(dataset.train, dataset.val, config.folds, config.seed)
+            if config.folds > 1 else None)
+    for name in config.models:
+        weights = None if name == "baseline" else models.resolve_weights(
+            name, weight_choices[name])
+        run_dir = config.out_dir / "runs" / name
+        if plan is None:
+            start_model_session(mixed_precision)
+            train_as_worker(name, config, (dataset.train, dataset.val), dataset.digest, weights,
+                            run_dir)
+            continue
+        for fold in range(plan.folds):
+            start_model_session(mixed_precision)
+            fold_run = FoldRun(fold, plan.folds, tuple(plan.patients(fold)))
+            train_as_worker(name, config, plan.split(fold), dataset.digest, weights,
+                            run_dir / f"fold{fold}", fold_run)
+    barrier(RESULTS_BARRIER)
 
 
 def _run_locked(config: TrainConfig) -> dict:
     dataset = load_dataset(config.dataset_dir)
+    barrier(CACHE_BARRIER)
     config = resolve_config(config, dataset.image_size, backend.accelerator_kind())
     mixed_precision = _mixed_precision_enabled(config.mixed_precision)
     weight_choices = models.parse_weights_option(config.weights)
