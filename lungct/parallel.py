@@ -7,6 +7,7 @@ exits within a second instead of living on as an orphan.
 from __future__ import annotations
 
 import os
+import select
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -16,7 +17,7 @@ from typing import TypeVar
 
 from tqdm import tqdm
 
-__all__ = ["pool_map"]
+__all__ = ["chunk_size", "exit_with_parent", "pool_map"]
 
 PARENT_POLL_S = 0.5
 
@@ -24,15 +25,41 @@ Item = TypeVar("Item")
 Result = TypeVar("Result")
 
 
-def _exit_with_parent(parent_pid: int) -> None:
-    """Pool initializer: a daemon thread ends this worker once its parent is gone."""
+def exit_with_parent(parent_pid: int) -> None:
+    """Pool initializer: a daemon thread ends this worker once the stage process is gone.
+
+    Args:
+        parent_pid: the stage process (``os.getpid()`` where the pool is made). A ``fork``
+            pool's workers are its children: they watch their parent id change. A
+            ``forkserver`` pool's workers are children of the fork server, which lives as long
+            as they do (they hold its keep-alive pipe), so they watch the stage process itself
+            through a pidfd (Linux >= 5.3): it refers to that very process, never to a later
+            one given the same id.
+    """
+    if os.getppid() == parent_pid:
+        def alive() -> bool:
+            return os.getppid() == parent_pid
+    else:
+        try:
+            pidfd = os.pidfd_open(parent_pid)
+        except ProcessLookupError:  # already gone
+            os._exit(1)
+
+        def alive() -> bool:
+            return not select.select([pidfd], [], [], 0)[0]  # readable once it has exited
 
     def watch() -> None:
-        while os.getppid() == parent_pid:
+        while alive():
             time.sleep(PARENT_POLL_S)
         os._exit(1)
 
     threading.Thread(target=watch, name="lungct-parent-watch", daemon=True).start()
+
+
+def chunk_size(n_items: int, workers: int) -> int:
+    """Items per task of a pool map: about 8 tasks per worker (a slow item delays little),
+    at most 64 items (the progress moves), at least 1."""
+    return max(1, min(64, n_items // (workers * 8)))
 
 
 def pool_map(
@@ -49,9 +76,9 @@ def pool_map(
                 yield function(item)
                 bar.update()
             return
-        chunk = max(1, min(64, len(items) // (workers * 8)))
+        chunk = chunk_size(len(items), workers)
         with ProcessPoolExecutor(workers, mp_context=get_context("fork"),
-                                 initializer=_exit_with_parent,
+                                 initializer=exit_with_parent,
                                  initargs=(os.getpid(),)) as pool:
             for result in pool.map(function, items, chunksize=chunk):
                 yield result

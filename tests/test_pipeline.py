@@ -1,8 +1,9 @@
-"""The three CLIs in order on a tiny synthetic cohort: each stage accepts what the previous wrote.
+"""The CLIs in order on a tiny synthetic cohort: each stage accepts what the previous wrote.
 
 The session-scoped ``pipeline`` fixture (tests/conftest.py) runs prepare, one epoch of the
 baseline and the interpretation once, in-process; these tests read its outputs back through
-:mod:`lungct.contract`, the same readers the stages use.
+:mod:`lungct.contract`, the same readers the stages use, and run predict (stage 4) on the raw
+DICOM of the test patients: the consistency check.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+import predict_lung_ct
 import training_lung_cnn
 from lungct import contract
 from lungct.errors import UserError
@@ -88,3 +90,30 @@ def test_an_unknown_schema_version_is_refused(pipeline: dict[str, Path], tmp_pat
     path.write_text(json.dumps({**results, "schema_version": 99}), encoding="utf-8")
     with pytest.raises(UserError, match="has schema_version 99 but this lungct reads"):
         contract.read_training_results(path)
+
+
+def test_predict_on_the_raw_test_scans_reproduces_training(pipeline: dict[str, Path],
+                                                           tmp_path: Path) -> None:
+    """Consistency check: predict on the test patients' raw DICOM, at the manifest's patch
+    centres (a --nodules CSV), gives every test sample the probability training recorded
+    (absolute difference <= 1e-4)."""
+    results = contract.read_training_results(pipeline["results"])
+    manifest = contract.read_manifest(pipeline["dataset"]).set_index("path")
+    test = manifest.loc[results["test"]["paths"]].assign(y_prob=results["test"]["y_prob"])
+    nodules = tmp_path / "nodules.csv"
+    test.rename(columns={"patch_centre_x_mm": "x_mm", "patch_centre_y_mm": "y_mm",
+                         "slice_z_mm": "z_mm"})[["series_uid", "x_mm", "y_mm", "z_mm"]].to_csv(
+        nodules, index=False, float_format="%.3f")
+    out = tmp_path / "predictions"
+    patients = [arg for p in sorted(set(test["patient_id"])) for arg in ("--patient-id", p)]
+    assert predict_lung_ct.main(["--input", str(pipeline["root"] / "raw_synthetic"), *patients,
+                                 "--results", str(pipeline["results"]), "--nodules", str(nodules),
+                                 "--out", str(out), "--workers", "1", "--gradcam-top", "0",
+                                 "-q"]) == 0
+    for row in test.itertuples():
+        slices = pd.read_csv(out / row.series_uid / "slices.csv")
+        at = slices[(abs(slices["z_mm"] - row.slice_z_mm) < 0.005)
+                    & (abs(slices["patch_centre_x_mm"] - row.patch_centre_x_mm) < 0.01)
+                    & (abs(slices["patch_centre_y_mm"] - row.patch_centre_y_mm) < 0.01)]
+        assert len(at) == 1, row.Index
+        assert abs(float(at["probability"].iloc[0]) - row.y_prob) <= 1e-4, row.Index
