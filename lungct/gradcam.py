@@ -342,7 +342,7 @@ class GradCam:
                              tuple(r.maps for r in results))
         maps, logits = [], []
         starts = range(0, len(images), batch_size)
-        for start in tqdm(starts, desc="Grad-CAM", unit="batch", disable=not progress):
+        for start in tqdm(starts, desc="Grad-CAM", unit="batch", disable=None if progress else True):
             batch_logits, features, gradients = self._gradients(images[start:start + batch_size])
             cams = class_activation_maps(features, TARGETS[target] * gradients, self.method)
             maps.append(upsample_and_normalise(cams, self.image_shape[:2]))

@@ -487,9 +487,9 @@ def test_youden_threshold_needs_both_classes() -> None:
 
 
 def test_auto_preset_is_quick_on_a_cpu_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
-    """On a CPU, auto resolves to quick (<= 64 px, 600 images); explicit flags win."""
+    """On a CPU, auto resolves to quick (<= 64 px, 2,000 images); explicit flags win."""
     resolved = resolve_config(TrainConfig(epochs=3), image_size=128, accelerator="cpu")
-    assert (resolved.preset, resolved.train_size, resolved.max_train_images) == ("quick", 64, 600)
+    assert (resolved.preset, resolved.train_size, resolved.max_train_images) == ("quick", 64, 2000)
     assert (resolved.epochs, resolved.frozen_epochs, resolved.fine_tune_epochs) == (3, 2, 1)
     assert "no GPU: --preset auto uses the quick preset" in caplog.text
 

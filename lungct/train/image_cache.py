@@ -154,7 +154,7 @@ def decode_images(dataset_dir: Path, paths: tuple[str, ...], channels: int = 1,
             or its size differs from the first image's.
     """
     images: np.ndarray | None = None
-    for index, relative in enumerate(tqdm(paths, desc=desc, unit="img", leave=False)):
+    for index, relative in enumerate(tqdm(paths, desc=desc, unit="img", leave=False, disable=None)):
         image = contract.read_png(Path(dataset_dir) / relative, channels=channels)
         image = image.reshape(*image.shape[:2], channels)
         if images is None:
