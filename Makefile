@@ -66,7 +66,7 @@ check-install: setup
 	run $(PY) -m pip --python "$$tmp/venv/bin/python" install --disable-pip-version-check \
 		-c constraints.txt "$$wheel[tensorflow]"; \
 	cd "$$tmp"; export TF_CPP_MIN_LOG_LEVEL=3; \
-	for stage in prepare train interpret; do run "$$tmp/venv/bin/lungct-$$stage" --help; done; \
+	for stage in prepare train interpret predict; do run "$$tmp/venv/bin/lungct-$$stage" --help; done; \
 	run "$$tmp/venv/bin/python" -c "import lungct, lungct.prepare.stage, lungct.train.stage, \
 		lungct.interpret.stage; assert '$$tmp/venv/' in lungct.__file__, lungct.__file__"; \
 	echo "check-install: $$(basename "$$wheel") installs and runs ($$(( $$(date +%s) - start )) s)"

@@ -30,33 +30,12 @@ from lungct.fileio import atomic_write_bytes, atomic_write_json, unsafe_relative
 from lungct.fingerprint import file_sha256, fingerprint
 
 __all__ = [
-    "CAM_METHODS",
-    "CENTRE_CHANNEL",
-    "CHANNEL_ORDERS",
-    "CLASS_NAMES",
-    "DATASET_FILE",
-    "MANIFEST_COLUMNS",
-    "MANIFEST_FILE",
-    "MODEL_FILES",
-    "PREDICTION_KEYS",
-    "RESULTS_FILE",
-    "SCHEMA_VERSION",
-    "SKIPPED_FILE",
-    "SPLITS",
-    "check_prediction_block",
-    "dataset_channels",
-    "dataset_files_sha256",
-    "encode_png",
-    "manifest_sha256",
-    "read_dataset_info",
-    "read_manifest",
-    "read_png",
-    "read_training_results",
-    "require_dataset_dir",
-    "write_dataset_info",
-    "write_manifest",
-    "write_skipped",
-    "write_training_results",
+    "CAM_METHODS", "CENTRE_CHANNEL", "CHANNEL_ORDERS", "CLASS_NAMES", "DATASET_FILE",
+    "MANIFEST_COLUMNS", "MANIFEST_FILE", "MODEL_FILES", "PREDICTION_KEYS", "RESULTS_FILE",
+    "SCHEMA_VERSION", "SKIPPED_FILE", "SPLITS", "check_prediction_block", "dataset_channels",
+    "dataset_files_sha256", "encode_png", "manifest_sha256", "read_dataset_info",
+    "read_manifest", "read_png", "read_training_results", "require_dataset_dir",
+    "write_dataset_info", "write_manifest", "write_skipped", "write_training_results",
 ]
 
 LOG = logging.getLogger(__name__)
@@ -295,20 +274,30 @@ def read_dataset_info(dataset_dir: Path, *, required: bool = True) -> dict[str, 
     if isinstance(info.get("image_size"), int) and info["image_size"] < 1:
         raise UserError(f"{path}: image_size must be a positive integer, got "
                         f"{info['image_size']}.")
-    channels = info.get("channels")
-    if channels is not None and (channels not in CHANNEL_ORDERS or list(
-            info.get("channel_order") or []) != list(CHANNEL_ORDERS[channels])):
-        raise UserError(f"{path}: channels {channels!r} with channel_order "
-                        f"{info.get('channel_order')!r} is not one of {CHANNEL_ORDERS}.")
+    dataset_channels(info, str(path))
     context = info.get("context_mm")
     if context is not None and (not math.isfinite(context) or context < 0):
         raise UserError(f"{path}: context_mm must be a finite number >= 0, got {context!r}.")
     return info
 
 
-def dataset_channels(info: Mapping[str, Any]) -> int:
-    """Channels of a dataset's images from its ``dataset.json`` (1 when it does not say)."""
-    return int(info.get("channels") or 1)
+def dataset_channels(info: Mapping[str, Any], where: str = DATASET_FILE) -> int:
+    """Channels of a dataset's images from its ``dataset.json`` (1 when it does not say).
+
+    Raises:
+        UserError: ``channels`` is not one of :data:`CHANNEL_ORDERS`' keys (an int), or
+            ``channel_order`` does not match it.
+    """
+    channels = info.get("channels", 1)
+    if (isinstance(channels, bool) or channels not in CHANNEL_ORDERS
+            or not isinstance(channels, int)):
+        raise UserError(f"{where}: channels must be one of {sorted(CHANNEL_ORDERS)}, got "
+                        f"{channels!r}.")
+    order = info.get("channel_order")
+    if order is not None and list(order) != list(CHANNEL_ORDERS[channels]):
+        raise UserError(f"{where}: channel_order {order!r} does not match {channels} "
+                        f"channel(s) {list(CHANNEL_ORDERS[channels])}.")
+    return channels
 
 
 # ----------------------------------------------------------------------------- images

@@ -20,7 +20,10 @@ a classifier truncated at its ``logit`` layer, feeding the ``Average`` layer ``m
 found by ``lungct.modelio.ensemble_members``, the one place that knows that structure) is
 explained member by member: each member's map at its own layer with its own logit as the
 score, normalised as above, then the mean of the K maps (in [0, 1]; its maximum is below 1
-where the members' peaks differ). The temperature of calibration (``Rescaling(1/T)`` named
+where the members' peaks differ). Normalising before averaging weighs every member equally
+(the issue's rule: the mean of the members' maps), so a member with larger gradients does not
+dominate; it is not the Grad-CAM of the mean logit, whose layers differ per member anyway.
+The temperature of calibration (``Rescaling(1/T)`` named
 ``temperature``, after the logit) divides the logit by a positive constant and so leaves the
 normalised maps unchanged; it only enters the probabilities.
 """
@@ -342,7 +345,8 @@ class GradCam:
                              tuple(r.maps for r in results))
         maps, logits = [], []
         starts = range(0, len(images), batch_size)
-        for start in tqdm(starts, desc="Grad-CAM", unit="batch", disable=None if progress else True):
+        quiet = None if progress else True  # None: a bar on a terminal only
+        for start in tqdm(starts, desc="Grad-CAM", unit="batch", disable=quiet):
             batch_logits, features, gradients = self._gradients(images[start:start + batch_size])
             cams = class_activation_maps(features, TARGETS[target] * gradients, self.method)
             maps.append(upsample_and_normalise(cams, self.image_shape[:2]))

@@ -108,8 +108,9 @@ def load_classifier(path: Path, image_size_px: int, recorded_in: str,
 
     Raises:
         UserError: the file cannot be loaded, or its input is not uint8
-            ``(None, image_size_px, image_size_px, channels)`` or its output not
-            ``(None, 1)``.
+            ``(None, image_size_px, image_size_px, channels)``, its output not
+            ``(None, 1)``, it has no temperature layer or an ensemble's members are not
+            ``fold0`` ... ``fold{K-1}``.
     """
     try:
         model = keras.models.load_model(path, compile=False, safe_mode=True)
@@ -127,4 +128,11 @@ def load_classifier(path: Path, image_size_px: int, recorded_in: str,
         shown = [str(tuple(t.shape)) for t in outputs]
         raise UserError(f"model {path} outputs {', '.join(shown) or 'nothing'}, not one "
                         "probability per image (None, 1)")
+    if not any(layer.name == TEMPERATURE_LAYER for layer in model.layers):
+        raise UserError(f"model {path} has no {TEMPERATURE_LAYER!r} layer before its sigmoid "
+                        "(made by an older lungct?); re-run training_lung_cnn.py")
+    try:
+        ensemble_members(model)
+    except ValueError as error:
+        raise UserError(f"model {path}: {error}") from error
     return model

@@ -95,8 +95,11 @@ def test_missing_dataset_folder_and_manifest(tmp_path: Path) -> None:
     ({"schema_version": 2, "image_size": 0}, "image_size must be a positive integer, got 0"),
     ({"schema_version": 2, "synthetic": "yes"}, "synthetic must be bool, got 'yes'"),
     ({"image_size": 32}, "has schema_version none but this lungct reads version 2"),
-    ({"schema_version": 2, "channels": 2, "channel_order": ["z"]}, "channels 2 with channel_order"),
-    ({"schema_version": 2, "channels": 3, "channel_order": ["z"]}, "channels 3 with channel_order"),
+    ({"schema_version": 2, "channels": 2, "channel_order": ["z"]},
+     r"channels must be one of \[1, 3\], got 2"),
+    ({"schema_version": 2, "channels": 3, "channel_order": ["z"]},
+     r"channel_order \['z'\] does not match 3 channel\(s\)"),
+    ({"schema_version": 2, "channels": "3"}, "channels must be int, got '3'"),
     ({"schema_version": 2, "context_mm": -1.0}, "context_mm must be a finite number >= 0"),
 ])
 def test_bad_dataset_json_is_one_sentence(tmp_path: Path, info: dict, message: str) -> None:

@@ -12,6 +12,7 @@ import keras
 import numpy as np
 import pytest
 
+from lungct.errors import UserError
 from lungct.modelio import ensemble_members, is_ensemble, load_classifier, logit_model
 from lungct.train import models
 from lungct.train.calibration import sigmoid
@@ -156,3 +157,15 @@ def test_ensemble_needs_two_models_of_one_input_and_a_positive_temperature() -> 
         build_ensemble([folds[0], other], "baseline")
     with pytest.raises(ValueError, match="temperature must be positive"):
         build_ensemble(folds, "baseline", temperature=0.0)
+
+
+def test_a_model_without_the_temperature_head_is_refused_on_load(tmp_path: Path) -> None:
+    """A classifier from before schema 2 (logit straight into the sigmoid) is one sentence."""
+    image = keras.Input((SIZE, SIZE, 1), dtype="uint8", name="image")
+    x = keras.layers.GlobalAveragePooling2D(name="pooling")(
+        keras.layers.Rescaling(1 / 255, name="to_float")(image))
+    logit = keras.layers.Dense(1, name="logit")(x)
+    old = keras.Model(image, keras.layers.Activation("sigmoid", name="probability")(logit))
+    old.save(tmp_path / "old.keras")
+    with pytest.raises(UserError, match="has no 'temperature' layer before its sigmoid"):
+        load_classifier(tmp_path / "old.keras", SIZE, "a test")

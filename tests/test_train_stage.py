@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import keras
 import numpy as np
@@ -568,3 +569,13 @@ def test_augmentation_changes_images_within_uint8() -> None:
     assert changed.dtype == np.uint8 and changed.shape == images.shape
     assert not np.array_equal(changed, images)
     assert abs(float(changed.mean()) - float(images.mean())) < 10
+
+
+def test_non_finite_logits_stop_training_with_one_sentence() -> None:
+    """A diverged model (NaN logits) is refused by name before selection and calibration."""
+    finite = SimpleNamespace(val_logits=np.zeros(3), test_logits=np.zeros(2))
+    diverged = SimpleNamespace(val_logits=np.array([0.1, np.nan, 0.3]), test_logits=np.zeros(2))
+    train._check_finite({"baseline": finite})
+    with pytest.raises(UserError, match=r"^vgg16 predicts non-finite logits \(training "
+                                        r"diverged\); lower --learning-rate"):
+        train._check_finite({"baseline": finite, "vgg16": diverged})

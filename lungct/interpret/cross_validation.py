@@ -111,7 +111,12 @@ def cross_validation_html(block: dict | None, report: dict) -> str:
             f"{html.escape(str(block['stratified_by']))})</h2>"
             f"<p>Patients per fold: {', '.join(map(str, block['patients_per_fold']))}. The "
             "validation predictions of a cross-validated run are out of fold: they include "
-            "images of the training split.</p>"
+            "images of the training split. Each fold model kept the weights of its best epoch "
+            "on its own validation fold, so these AUCs are slightly optimistic; the test "
+            "split, untouched by every fold, is the unbiased estimate. The temperature and the "
+            "threshold were fitted on the fold models' pooled logits and are applied to the "
+            "ensemble's mean logit, which is less extreme than a member's: the ensemble may be "
+            "somewhat under-confident (see the calibration section).</p>"
             + html_table(header, rows)
             + f"<p>{html.escape(block['test_metrics'])}</p>"
             + html_table(["level", "AUC [95% CI]", "sensitivity [95% CI]",

@@ -141,11 +141,11 @@ def cross_validation_block(outcomes: dict[str, ModelOutcome], fold_of_patient: d
     folds = len(outcomes[best].fold_val_auc)
     per_model = {}
     for name, outcome in outcomes.items():
-        values = np.array([np.nan if v is None else v for v in outcome.fold_val_auc])
+        defined = [value for value in outcome.fold_val_auc if value is not None]
         per_model[name] = {
             "fold_val_auc": list(outcome.fold_val_auc),
-            "mean": float(np.mean(values)),
-            "std": float(np.std(values, ddof=1)),
+            "mean": float(np.mean(defined)) if defined else None,
+            "std": float(np.std(defined, ddof=1)) if len(defined) > 1 else None,
             "oof_val_auc": outcome.val_auc,
         }
     return {

@@ -107,6 +107,8 @@ def train_or_reuse(
     if record is not None:
         LOG.info("%s: reusing %s (same configuration and dataset; --overwrite retrains)",
                  label, run_dir)
+        # A run killed after model.keras was saved leaves its (now redundant) checkpoint.
+        (run_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
         model = load_classifier(run_dir / MODEL_FILE, int(train.images.shape[1]),
                                 str(run_dir / RUN_FILE), channels)
         return model, record

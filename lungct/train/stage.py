@@ -214,6 +214,7 @@ def _run_locked(config: TrainConfig) -> dict:
             outcomes[name] = _train_single(name, config, dataset, weights)
         else:
             outcomes[name] = _train_folds(name, config, dataset, weights, plan, mixed_precision)
+    _check_finite(outcomes)
     best = max(config.models, key=lambda name: outcomes[name].val_auc)
     fit = fit_temperature(outcomes[best].val_logits, outcomes[best].val.labels)
     start_model_session(mixed_precision)
@@ -228,6 +229,18 @@ def _run_locked(config: TrainConfig) -> dict:
     contract.write_training_results(config.out_dir, results)
     log_summary(results, config.out_dir)
     return results
+
+
+def _check_finite(outcomes: dict[str, ModelOutcome]) -> None:
+    """Refuse a model whose validation or test logits are not finite (a diverged run).
+
+    Raises:
+        UserError: naming the model, before selection and calibration use its logits.
+    """
+    for name, outcome in outcomes.items():
+        if not (np.isfinite(outcome.val_logits).all() and np.isfinite(outcome.test_logits).all()):
+            raise UserError(f"{name} predicts non-finite logits (training diverged); lower "
+                            "--learning-rate and re-run with --overwrite.")
 
 
 def _train_single(name: str, config: TrainConfig, dataset: Dataset,
