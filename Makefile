@@ -17,11 +17,12 @@ $(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
 
 setup: $(STAMP)
 
-# The three stages in order on the built-in synthetic cohort (CPU-sized settings: patch view,
-# 64 px, about 1,000 images; training picks the quick preset on a CPU).
+# The four stages in order on the built-in synthetic cohort (CPU-sized settings: patch view,
+# 64 px, 2.5D context of 2.5 mm, about 1,000 images; training picks the quick preset on a CPU;
+# benchmarks/RESULTS.md section 15 says why these settings).
 demo: setup
 	$(PY) prepare_lung_dataset.py --source synthetic --view patch --image-size 64 \
-		--target-count 1000
+		--target-count 1000 --context-mm 2.5
 	$(PY) training_lung_cnn.py
 	$(PY) interpretation.py
 	$(PY) predict_lung_ct.py --input raw_synthetic --out predictions $$($(PY) -c \
@@ -86,6 +87,6 @@ bench: setup
 
 clean:
 	rm -rf build dist lungct.egg-info
-	rm -rf output_dataset output_dataset.partial raw_synthetic extracted runs reports \
+	rm -rf output_dataset output_dataset.partial raw_synthetic extracted runs reports predictions \
 		benchmarks/out \
 		lung_cancer_cnn_enhanced.h5 lung_cancer_cnn_enhanced.keras training_results.json

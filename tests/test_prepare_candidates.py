@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
 
 from lungct.errors import UserError
 from lungct.prepare.candidates import (
+    Candidate,
     class_from_path,
     csv_candidates,
     display_path,
@@ -144,3 +146,27 @@ def test_relative_display_path(tmp_path):
     """The relative path of a file under the root, POSIX separators, escaped."""
     path = Path(os.fsdecode(os.fsencode(tmp_path) + b"/a/b\xff.dcm"))
     assert relative_display_path(path, tmp_path) == "a/b\\xff.dcm"
+
+
+@pytest.mark.parametrize("patient", ["../../../etc/passwd", "a/b", "..", "x\x00y", "P" * 300,
+                                     "C:\\x", "name with spaces", "\u00e9\u00e8"])
+def test_hostile_patient_id_stays_one_safe_file_name(tmp_path, patient):
+    """A free-text (0010,0020) Patient ID never leaves the class folder or breaks the name:
+    unsafe or long ids keep their safe characters (64 at most) plus 8 hex of their SHA-256."""
+    candidate = Candidate(tmp_path / "a.dcm", "a.dcm", patient, 1, "", series_uid="1.2.840.99",
+                          slice_z_mm=-12.5, nodule_id="N01")
+    key = candidate.key
+    assert re.fullmatch(r"[A-Za-z0-9_-]{1,64}-[0-9a-f]{8}_1\.2\.840\.99_z-00012\.50_N01", key)
+    dataset = tmp_path / "dataset"
+    image = (dataset / "cancer" / f"{key}.png").resolve()
+    assert image.parent == (dataset / "cancer").resolve()
+    other = Candidate(tmp_path / "a.dcm", "a.dcm", patient + "/", 1, "", series_uid="1.2.840.99",
+                      slice_z_mm=-12.5, nodule_id="N01")
+    assert other.key != key
+
+
+def test_safe_patient_id_is_kept_as_is(tmp_path):
+    """LIDC and hospital ids made of A-Z a-z 0-9 _ - (up to 64) name files unchanged."""
+    candidate = Candidate(tmp_path / "a.dcm", "a.dcm", "LIDC-IDRI-0001", 1, "",
+                          series_uid="1.3.6.1.4.1.14519.5.2.1.6279", slice_z_mm=2.0)
+    assert candidate.key == "LIDC-IDRI-0001_9.5.2.1.6279_z+00002.00"

@@ -357,3 +357,41 @@ def test_unparseable_file_meta_is_refused_not_passed_on(tmp_path, monkeypatch):
     with pytest.raises(dicom.UnusableFileError,
                        match=r"unreadable file meta information \(error\)"):
         dicom.read_header(path)
+
+
+@pytest.mark.parametrize("keyword", ["SeriesInstanceUID", "StudyInstanceUID", "SOPInstanceUID"])
+@pytest.mark.parametrize("value", ["../../outside", "1.2.3/4", "1.2.3\x005", "1.2..3", ".1.2",
+                                   "1." + "2" * 63, "1.2.3a", "1.2. 3"])
+def test_invalid_uid_is_skipped_with_its_tag(ct_slice, keyword, value):
+    """PS3.5 9.1: a UID is digits and dots, at most 64 characters; it names output files."""
+    path = ct_slice("uid.dcm", np.zeros((16, 16)))
+    ds = pydicom.dcmread(path)
+    with pydicom.config.disable_value_validation():
+        ds[keyword].value = value
+        ds.save_as(path)
+    tag = {"SeriesInstanceUID": r"\(0020,000E\) Series Instance UID",
+           "StudyInstanceUID": r"\(0020,000D\) Study Instance UID",
+           "SOPInstanceUID": r"\(0008,0018\) SOP Instance UID"}[keyword]
+    with pytest.raises(dicom.UnusableFileError,
+                       match=rf"^invalid {tag} \(PS3.5 9.1: digits and dots, at most 64 "
+                             r"characters\)$"):
+        dicom.read_header(path)
+
+
+def test_valid_uids_pass_and_only_series_uid_is_required(ct_slice):
+    """64 characters, a leading zero and NUL padding pass; study and SOP UIDs may be absent."""
+    path = ct_slice("uid.dcm", np.zeros((16, 16)))
+    ds = pydicom.dcmread(path)
+    long_uid = "1.02." + "3" * 59
+    with pydicom.config.disable_value_validation():
+        ds.SeriesInstanceUID = long_uid
+        ds.StudyInstanceUID = "1.2.3\x00"
+        del ds.SOPInstanceUID
+        ds.save_as(path)
+    header = dicom.read_header(path)
+    assert (header.series_uid, header.study_uid, header.sop_uid) == (long_uid, "1.2.3", "")
+    del ds.SeriesInstanceUID
+    ds.save_as(path)
+    with pytest.raises(dicom.UnusableFileError,
+                       match=r"^missing \(0020,000E\) Series Instance UID$"):
+        dicom.read_header(path)

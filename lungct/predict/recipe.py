@@ -14,7 +14,8 @@ from typing import Any
 
 from lungct import contract
 from lungct.errors import UserError
-from lungct.fingerprint import file_sha256
+from lungct.fingerprint import file_sha256, verify_file_set
+from lungct.prepare.config import MAX_CONTEXT_MM, MAX_PATCH_MM, MAX_WINDOW_HU
 from lungct.prepare.lidc import LabelRule
 from lungct.prepare.render import RenderSettings
 
@@ -37,7 +38,9 @@ class Recipe:
             exactly prepare's rule with it.
         dataset: the dataset.json content recorded at training (provenance).
         slice_thickness_mm: range of (0018,0050) Slice Thickness the model was trained on,
-            from the dataset's manifest when it is still there, else None.
+            from the dataset's manifest when it is still the one trained on, else None.
+        temperature: with ``--model``, the calibration temperature T of the results, which
+            the model's ``temperature`` layer must apply (scale 1/T); else None (unchecked).
     """
 
     model_path: Path
@@ -50,6 +53,7 @@ class Recipe:
     label_rule: LabelRule
     dataset: dict[str, Any]
     slice_thickness_mm: tuple[float, float] | None
+    temperature: float | None = None
 
     @property
     def threshold_value(self) -> float:
@@ -91,27 +95,29 @@ def _settings(dataset: dict, where: str) -> tuple[RenderSettings, int, float]:
     size = _number(dataset, "image_size", where)
     view = dataset.get("view")
     if view not in ("slice", "patch") or size != int(size) or not 8 <= size <= 2048 \
-            or width_hu < 1:
-        raise UserError(f"{where}: dataset view {view!r}, image_size {size:g} and window width "
-                        f"{width_hu:g} HU are not a rendering prepare makes")
+            or not 1 <= width_hu <= 2 * MAX_WINDOW_HU or abs(center_hu) > MAX_WINDOW_HU:
+        raise UserError(f"{where}: dataset view {view!r}, image_size {size:g} and window "
+                        f"{center_hu:g}/{width_hu:g} HU are not a rendering prepare makes")
     patch_mm = _number(dataset, "patch_mm", where) if view == "patch" else 0.0
-    if view == "patch" and patch_mm <= 0:
-        raise UserError(f"{where}: dataset.patch_mm must be positive, got {patch_mm:g}")
-    channels = contract.dataset_channels(dataset)
-    if channels not in contract.CHANNEL_ORDERS:
-        raise UserError(f"{where}: dataset.channels must be one of "
-                        f"{sorted(contract.CHANNEL_ORDERS)}, got {channels!r}")
+    if view == "patch" and not 1 <= patch_mm <= MAX_PATCH_MM:
+        raise UserError(f"{where}: dataset.patch_mm must be 1-{MAX_PATCH_MM:g} mm, got "
+                        f"{patch_mm:g}")
+    channels = contract.dataset_channels(dataset, f"{where} dataset")
     context_mm = _number(dataset, "context_mm", where) if channels == 3 else 0.0
-    if channels == 3 and context_mm <= 0:
+    if channels == 3 and not 0 < context_mm <= MAX_CONTEXT_MM:
         raise UserError(f"{where}: a 3-channel (2.5D) dataset needs a positive "
-                        f"dataset.context_mm, got {context_mm:g}")
+                        f"dataset.context_mm of at most {MAX_CONTEXT_MM:g} mm, got "
+                        f"{context_mm:g}")
     settings = RenderSettings(int(size), center_hu, width_hu, view, patch_mm or 64.0,
                               context_mm)
     return settings, channels, context_mm
 
 
-def _label_rule(dataset: dict) -> LabelRule:
-    recorded = dataset.get("label_rule") or {}
+def _label_rule(dataset: dict, where: str) -> LabelRule:
+    recorded = dataset.get("label_rule", {})
+    if not isinstance(recorded, dict):
+        raise UserError(f"{where}: dataset.label_rule must be a JSON object, got "
+                        f"{type(recorded).__name__}")
     fields = {k: recorded[k] for k in LabelRule().to_dict() if k in recorded}
     try:
         return LabelRule(**fields)
@@ -138,16 +144,32 @@ def _model_path(results: dict, results_path: Path, override: Path | None) -> Pat
 
 
 def _trained_thickness(results: dict, results_path: Path) -> tuple[float, float] | None:
-    """Slice thickness range of the training manifest, when the dataset is still there."""
-    recorded = (results.get("config") or {}).get("dataset_dir")
-    for folder in ((Path(recorded), results_path.parent / recorded) if recorded else ()):
-        if (folder / contract.MANIFEST_FILE).is_file():
-            try:
-                values = contract.read_manifest(folder)["slice_thickness_mm"].dropna()
-            except (UserError, KeyError):
+    """Slice thickness range of the training manifest, when the dataset is still the one
+    trained on (its manifest's SHA-256 is the results' ``dataset_manifest_sha256``)."""
+    recorded = results["config"].get("dataset_dir")
+    expected = results.get("dataset_manifest_sha256")
+    if not isinstance(recorded, str) or not recorded or not isinstance(expected, str):
+        return None
+    for folder in (Path(recorded), results_path.parent / recorded):
+        if not (folder / contract.MANIFEST_FILE).is_file():
+            continue
+        try:
+            if contract.manifest_sha256(folder) != expected:
                 return None
-            return (float(values.min()), float(values.max())) if len(values) else None
+            values = contract.read_manifest(folder)["slice_thickness_mm"].dropna()
+        except (UserError, KeyError, OSError):
+            return None
+        return (float(values.min()), float(values.max())) if len(values) else None
     return None
+
+
+def _temperature(results: dict, override: Path | None) -> float | None:
+    """T the ``--model`` file must apply: the results' calibration temperature (None without
+    ``--model`` or without calibration: nothing to check)."""
+    calibration = results.get("calibration")
+    if override is None or not isinstance(calibration, dict):
+        return None
+    return float(calibration.get("temperature", 1.0))  # checked by read_training_results
 
 
 def read_recipe(results_path: Path, model_override: Path | None) -> Recipe:
@@ -157,6 +179,10 @@ def read_recipe(results_path: Path, model_override: Path | None) -> Recipe:
         UserError: unreadable results, no recorded rendering, or no model file.
     """
     results = contract.read_training_results(results_path)
+    if model_override is None:
+        # the selected model must be the one these results (and their threshold) describe
+        verify_file_set(results.get("files_sha256"), results_path.parent, str(results_path),
+                        "training_lung_cnn.py")
     dataset = results.get("dataset")
     if not isinstance(dataset, dict) or not dataset:
         raise UserError(f"{results_path} records no dataset rendering (dataset is empty): the "
@@ -167,5 +193,6 @@ def read_recipe(results_path: Path, model_override: Path | None) -> Recipe:
     threshold = {k: results["threshold"][k] for k in ("value", "rule", "comparison")
                  if k in results["threshold"]}
     return Recipe(path, file_sha256(path), results["best_model"], threshold, settings,
-                  channels, context_mm, _label_rule(dataset), dataset,
-                  _trained_thickness(results, results_path))
+                  channels, context_mm, _label_rule(dataset, str(results_path)), dataset,
+                  _trained_thickness(results, results_path),
+                  _temperature(results, model_override))

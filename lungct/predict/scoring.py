@@ -9,16 +9,36 @@ saved model, and a fold ensemble is one Keras model): it is scored as it is.
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
 
+from lungct.errors import UserError
 from lungct.gradcam import GradCam
-from lungct.modelio import load_classifier
+from lungct.modelio import TEMPERATURE_LAYER, load_classifier
 from lungct.predict.recipe import Recipe
 
-__all__ = ["Scorer"]
+__all__ = ["Scorer", "check_temperature"]
 
 LOG = logging.getLogger(__name__)
+
+
+def check_temperature(model: object, temperature: float, where: str) -> None:
+    """Check that ``model`` applies the results' calibration temperature T (its
+    ``temperature`` layer scales the logit by 1/T; no such layer: 1), within 1e-6 relative:
+    the threshold was chosen on probabilities calibrated with T.
+
+    Raises:
+        UserError: the model applies another temperature (e.g. an uncalibrated model file).
+    """
+    names = {layer.name for layer in model.layers}
+    scale = float(model.get_layer(TEMPERATURE_LAYER).scale) if TEMPERATURE_LAYER in names \
+        else 1.0
+    if not math.isclose(scale, 1.0 / temperature, rel_tol=1e-6):
+        applied = 1.0 / scale if scale else math.inf
+        raise UserError(f"--model {where} applies temperature {applied:.6g}, but the "
+                        f"training results' threshold was chosen at calibration temperature "
+                        f"{temperature:.6g}: pass the calibrated model these results name")
 
 
 class Scorer:
@@ -34,6 +54,8 @@ class Scorer:
         size = recipe.settings.image_size_px
         self.model = load_classifier(recipe.model_path, size, "the training results",
                                      recipe.channels)
+        if recipe.temperature is not None:
+            check_temperature(self.model, recipe.temperature, str(recipe.model_path))
         self.batch_size = batch_size
         self.image_shape = (size, size, recipe.channels)
         self._gradcam: GradCam | None = None

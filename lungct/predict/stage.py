@@ -11,12 +11,13 @@ run's tables. A failing series is recorded and the run goes on.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -27,8 +28,9 @@ import numpy as np
 from lungct import __version__
 from lungct.cli import captured_stderr
 from lungct.errors import UserError
+from lungct.fileio import unsafe_relative
 from lungct.fingerprint import fingerprint
-from lungct.locking import output_lock
+from lungct.locking import output_lock, shared_lock
 from lungct.parallel import chunk_size, exit_with_parent
 from lungct.predict import outputs
 from lungct.predict.config import PredictConfig
@@ -39,13 +41,16 @@ from lungct.predict.recipe import Recipe, read_recipe
 from lungct.predict.rendering import RenderedSeries, SeriesJob, render_series
 from lungct.predict.series_results import SeriesOutcome, finish_series, reused_outcome
 from lungct.prepare.candidates import display_path
-from lungct.prepare.dicom import UnusableFileError
 from lungct.prepare.pseudonym import SALT_FILE, Pseudonymiser, masked_logging
 from lungct.prepare.series import Series
 
-__all__ = ["run"]
+__all__ = ["IN_FLIGHT_PER_WORKER", "run", "series_key"]
 
 LOG = logging.getLogger(__name__)
+
+#: Render jobs in flight per worker: enough to keep every worker busy while the caller
+#: scores, few enough that the rendered images waiting for the model stay bounded.
+IN_FLIGHT_PER_WORKER = 2
 
 
 @dataclass
@@ -67,23 +72,26 @@ def run(config: PredictConfig) -> dict[str, Any]:
     Raises:
         UserError: a bad recipe, input or nodules CSV (exit 2).
     """
-    recipe = read_recipe(config.results_path, config.model_path)
-    nodules = read_nodules(config.nodules_csv) if config.nodules_csv else None
-    if nodules is not None and recipe.settings.view == "slice":
-        LOG.warning("--nodules is ignored: a slice-view model scores every slice")
-        nodules = None
     out_dir = Path(config.out_dir)
-    # The lock lives inside --out: nothing is written outside it.
-    with output_lock(out_dir / "predict", "predict"):
-        if not config.pseudonymise:
-            return _run_locked(config, recipe, nodules, out_dir, None)
-        salt = Path(config.work_dir) / SALT_FILE
-        if not salt.is_file():
-            raise UserError(f"--pseudonymise needs prepare's salt {salt} (pass the --work-dir "
-                            "prepare used) so that the pseudonyms match prepare's")
-        masker = Pseudonymiser(Path(config.work_dir), config.patient_regex)
-        with masked_logging(masker):
-            return _run_locked(config, recipe, nodules, out_dir, masker)
+    # A shared lock on the training results: no training run rewrites the model meanwhile.
+    with shared_lock(config.results_path, "predict"):
+        recipe = read_recipe(config.results_path, config.model_path)
+        nodules = read_nodules(config.nodules_csv) if config.nodules_csv else None
+        if nodules is not None and recipe.settings.view == "slice":
+            LOG.warning("--nodules is ignored: a slice-view model scores every slice")
+            nodules = None
+        # The output lock lives inside --out: nothing is written outside it.
+        with output_lock(out_dir / "predict", "predict"):
+            if not config.pseudonymise:
+                return _run_locked(config, recipe, nodules, out_dir, None)
+            salt = Path(config.work_dir) / SALT_FILE
+            if not salt.is_file():
+                raise UserError(f"--pseudonymise needs prepare's salt {salt} (pass the "
+                                "--work-dir prepare used) so that the pseudonyms match "
+                                "prepare's")
+            masker = Pseudonymiser(Path(config.work_dir), config.patient_regex)
+            with masked_logging(masker):
+                return _run_locked(config, recipe, nodules, out_dir, masker)
 
 
 class _Model:
@@ -183,8 +191,13 @@ def _of_patients(series: list[Series], patient_ids: tuple[str, ...]) -> list[Ser
     return chosen
 
 
-def _series_key(series: Series, masker: Pseudonymiser | None) -> str:
-    return masker.alias(series.series_uid) if masker is not None else series.series_uid
+def series_key(series: Series, masker: Pseudonymiser | None) -> str | None:
+    """The series' folder name under ``--out``: its (0020,000E) Series Instance UID (or its
+    pseudonym); None when that is no safe folder name (a path, ``..``, a hidden name)."""
+    key = masker.alias(series.series_uid) if masker is not None else series.series_uid
+    if unsafe_relative(key) or "/" in key or "\\" in key or key.startswith("."):
+        return None
+    return key
 
 
 def _plan(config: PredictConfig, recipe: Recipe, nodules: list | None, found: Discovered,
@@ -197,7 +210,14 @@ def _plan(config: PredictConfig, recipe: Recipe, nodules: list | None, found: Di
         source, candidates, warnings = choose_places(
             series, recipe.settings.view, found.readings.get(series.series_uid),
             recipe.label_rule, nodules)
-        key = _series_key(series, masker)
+        key = series_key(series, masker)
+        if key is None:
+            LOG.warning("series %r: its (0020,000E) Series Instance UID is no safe folder "
+                        "name; not scored", masked_text(masker, series.series_uid))
+            outcomes.append(SeriesOutcome.failed(
+                series, "(0020,000E) Series Instance UID is not a safe folder name", masker,
+                source))
+            continue
         folder = out_dir / key
         job = SeriesJob(series, source, tuple(candidates), recipe.settings)
         series_hash = fingerprint(
@@ -214,21 +234,45 @@ def _plan(config: PredictConfig, recipe: Recipe, nodules: list | None, found: Di
     return outcomes, pending
 
 
-def _rendered(jobs: list[SeriesJob], pool: ProcessPoolExecutor | None
+def _rendered(jobs: list[SeriesJob], pool: ProcessPoolExecutor | None, workers: int
               ) -> Iterator[RenderedSeries | str]:
     """Rendered series in job order, or the reason one could not be rendered (the run goes
-    on); with a pool every job is submitted at once and rendered while the caller scores."""
+    on); with a pool at most :data:`IN_FLIGHT_PER_WORKER` x ``workers`` jobs are submitted
+    ahead and rendered while the caller scores."""
     if pool is None:
         return (_guarded(lambda job=job: render_series(job)) for job in jobs)
-    futures = [pool.submit(render_series, job) for job in jobs]
-    return (_guarded(future.result) for future in futures)
+    queued = iter(jobs)
+    # submitted now, so that the workers render while the caller loads the model
+    waiting = deque(_submit(pool, job)
+                    for job in itertools.islice(queued, IN_FLIGHT_PER_WORKER * workers))
+    return _in_order(pool, waiting, queued)
+
+
+def _submit(pool: ProcessPoolExecutor, job: SeriesJob) -> Future | str:
+    """The job's future, or why it could not be submitted (a broken pool)."""
+    try:
+        return pool.submit(render_series, job)
+    except Exception as error:  # noqa: BLE001 - one series' failure, recorded; the run goes on
+        return f"rendering failed ({one_line(error)})"
+
+
+def _in_order(pool: ProcessPoolExecutor, waiting: deque[Future | str],
+              queued: Iterator[SeriesJob]) -> Iterator[RenderedSeries | str]:
+    """The results of ``waiting`` in order; each collected one makes room for the next job."""
+    while waiting:
+        item = waiting.popleft()
+        result = item if isinstance(item, str) else _guarded(item.result)
+        next_job = next(queued, None)
+        if next_job is not None:
+            waiting.append(_submit(pool, next_job))
+        yield result
 
 
 def _score_pending(config: PredictConfig, recipe: Recipe, pending: list[_Pending],
                    found: Discovered, masker: Pseudonymiser | None, model: _Model,
                    pool: ProcessPoolExecutor | None) -> list[SeriesOutcome]:
     """Render (in parallel), score in full batches, and finish every pending series."""
-    rendered = _rendered([p.job for p in pending], pool)
+    rendered = _rendered([p.job for p in pending], pool, config.workers)
     scorer = model.get()
     outcomes: list[SeriesOutcome] = []
     batches = _Batches(scorer)
@@ -240,12 +284,23 @@ def _score_pending(config: PredictConfig, recipe: Recipe, pending: list[_Pending
 
 
 def _guarded(rendered: Callable[[], RenderedSeries]) -> RenderedSeries | str:
-    """A rendered series, or the reason it could not be rendered: a refused file, an I/O
-    error, or a worker that died (e.g. killed for memory)."""
+    """A rendered series, or the reason it could not be rendered (any error: a refused file,
+    an I/O error, a worker that died, e.g. killed for memory); the traceback at DEBUG."""
     try:
         return rendered()
-    except (UnusableFileError, OSError, ValueError, BrokenProcessPool) as error:
-        return f"rendering failed ({type(error).__name__}: {error})"
+    except Exception as error:  # noqa: BLE001 - one series' failure, recorded; the run goes on
+        LOG.debug("rendering failed", exc_info=True)
+        return f"rendering failed ({one_line(error)})"
+
+
+def one_line(error: BaseException) -> str:
+    """``Type: message`` of ``error`` on one line (errors.csv holds one line per series)."""
+    return " ".join(f"{type(error).__name__}: {error}".split())
+
+
+def masked_text(masker: Pseudonymiser | None, text: str) -> str:
+    """``text`` with identifiers pseudonymised when ``--pseudonymise`` is on."""
+    return masker.text(text) if masker is not None else text
 
 
 class _Batches:
@@ -285,12 +340,20 @@ class _Batches:
 def _finish(item: _Pending, result: RenderedSeries | str, probabilities: np.ndarray,
             scorer: Any, config: PredictConfig, recipe: Recipe, found: Discovered,
             masker: Pseudonymiser | None) -> SeriesOutcome:
-    """The outcome of one series: failed (its reason), or its outputs written."""
+    """The outcome of one series: failed (its reason: rendering, or any error while writing
+    its outputs, the traceback at DEBUG), or its outputs written."""
+    series = item.job.series
     if isinstance(result, str):
-        return SeriesOutcome.failed(item.job.series, result, masker)
-    return finish_series(item.job, result, probabilities, scorer, config, recipe, item.folder,
-                         item.key, item.warnings,
-                         found.dropped.get(item.job.series.series_uid, {}), masker)
+        return SeriesOutcome.failed(series, masked_text(masker, result), masker, item.job.source)
+    try:
+        return finish_series(item.job, result, probabilities, scorer, config, recipe,
+                             item.folder, item.key, item.warnings,
+                             found.dropped.get(series.series_uid, {}), masker)
+    except Exception as error:  # noqa: BLE001 - one series' failure, recorded; the run goes on
+        LOG.debug("series %s: writing its results failed", item.folder.name, exc_info=True)
+        reason = masked_text(masker, f"writing the results failed ({one_line(error)})")
+        LOG.error("series %s: %s", item.folder.name, reason)
+        return SeriesOutcome.failed(series, reason, masker, item.job.source)
 
 
 def _write_tables(out_dir: Path, outcomes: list[SeriesOutcome], recipe: Recipe

@@ -41,6 +41,9 @@ __all__ = [
 
 LOG = logging.getLogger(__name__)
 
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")  # anything else never enters an output file name
+_ID_CHARS = 64
+
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 
 #: Folder-name keywords per label, matched against a folder's words (split at space - _ .).
@@ -135,13 +138,23 @@ class Candidate:
     def key(self) -> str:
         """A stable identifier, also the stem of the output file name."""
         if self.series_uid:
-            stem = f"{self.patient_id}_{self.series_uid[-12:]}_z{self.slice_z_mm:+09.2f}"
+            # The series UID passed dicom's PS3.5 9.1 check; the (0010,0020) Patient ID is free
+            # text, so "/", ".." or a NUL in it can neither leave the class folder nor break
+            # the name.
+            patient = self.patient_id
+            if len(patient) > _ID_CHARS or _UNSAFE.search(patient):
+                patient = _safe_stem(patient[:_ID_CHARS], patient)
+            stem = f"{patient}_{self.series_uid[-12:]}_z{self.slice_z_mm:+09.2f}"
             return f"{stem}_{self.nodule_id}" if self.nodule_id else stem
-        # A readable stem plus a digest of the whole relative path, so that a.png, a.jpg and
-        # folders whose names only differ in punctuation never share an output name.
-        stem = re.sub(r"[^A-Za-z0-9_-]+", "_", self.source_file.rsplit(".", 1)[0])
-        digest = hashlib.sha256(self.source_file.encode("utf-8", "surrogateescape"))
-        return f"{stem}-{digest.hexdigest()[:8]}"
+        return _safe_stem(self.source_file.rsplit(".", 1)[0], self.source_file)
+
+
+def _safe_stem(readable: str, whole: str) -> str:
+    """``readable`` with every run of characters other than ``A-Z a-z 0-9 _ -`` replaced by
+    ``_``, then ``-`` and 8 hex digits of the SHA-256 of ``whole``, so that a.png, a.jpg and
+    names that only differ in punctuation never share an output name."""
+    digest = hashlib.sha256(whole.encode("utf-8", "surrogateescape"))
+    return f"{_UNSAFE.sub('_', readable)}-{digest.hexdigest()[:8]}"
 
 
 def _slice_samples(

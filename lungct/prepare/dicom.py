@@ -17,6 +17,7 @@ import functools
 import logging
 import math
 import os
+import re
 import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -74,6 +75,9 @@ MAX_TILT_DEG = 5.0  # slice normal vs the patient z axis: beyond it a reformat o
 _SHOWN_CHARS = 40
 _TEXT_CHARS = 64  # (0008,0070) Manufacturer and (0018,1210) Convolution Kernel are LO/SH
 _UNREADABLE = object()  # stands for a value pydicom cannot convert
+#: PS3.5 9.1 UIDs (leading zeros tolerated); they name output files, so nothing else passes.
+_UID = re.compile(r"[0-9]+(?:\.[0-9]+)*")
+_UID_CHARS = 64
 # (0002,0010) Transfer Syntax UID = Deflated Explicit VR Little Endian, as the meta holds it.
 _DEFLATED_ELEMENT = b"\x02\x00\x10\x00UI\x16\x00" + DeflatedExplicitVRLittleEndian.encode()
 
@@ -368,8 +372,9 @@ def read_header(path: Path) -> SliceHeader:
         raise UnusableFileError("no pixel data (7FE0,0010)")
     pixels = pixel_format(ds)
     geometry = _checked(ds, _GEOMETRY_KEYWORDS)
-    series_uid = str(ds.get("SeriesInstanceUID", ""))
-    if not series_uid.strip():
+    series_uid, study_uid, sop_uid = (_uid(ds, f"{what}InstanceUID")
+                                      for what in ("Series", "Study", "SOP"))
+    if not series_uid:
         raise UnusableFileError(f"missing {_label('SeriesInstanceUID')}")
     syntax = transfer_syntax(ds)
     check_pixel_data(ds, path, pixels, syntax)
@@ -379,15 +384,24 @@ def read_header(path: Path) -> SliceHeader:
     thickness, instance = geometry["SliceThickness"], geometry["InstanceNumber"]
     return SliceHeader(
         path=path, patient_id=str(ds.get("PatientID", "")).strip(),
-        study_uid=str(ds.get("StudyInstanceUID", "")), series_uid=series_uid,
-        sop_uid=str(ds.get("SOPInstanceUID", "")), z_mm=geometry["ImagePositionPatient"][2],
-        instance_number=int(instance[0]) if instance else 0, rows=pixels.rows,
-        columns=pixels.columns, pixel_spacing_mm=float(np.mean(geometry["PixelSpacing"])),
-        slice_thickness_mm=thickness[0] if thickness else None, lossy=is_lossy(ds, syntax),
+        study_uid=study_uid, series_uid=series_uid, sop_uid=sop_uid, rows=pixels.rows,
+        z_mm=geometry["ImagePositionPatient"][2], columns=pixels.columns,
+        instance_number=int(instance[0]) if instance else 0, lossy=is_lossy(ds, syntax),
+        pixel_spacing_mm=float(np.mean(geometry["PixelSpacing"])),
+        slice_thickness_mm=thickness[0] if thickness else None,
         manufacturer=_text(ds, "Manufacturer"), convolution_kernel=_text(ds, "ConvolutionKernel"),
         position_mm=tuple(geometry["ImagePositionPatient"][:3]),
         orientation=tuple(geometry["ImageOrientationPatient"] or (1.0, 0, 0, 0, 1.0, 0)),
         row_spacing_mm=geometry["PixelSpacing"][0], column_spacing_mm=geometry["PixelSpacing"][1])
+
+
+def _uid(ds: pydicom.Dataset, keyword: str) -> str:
+    """A UID attribute without its padding ("" when absent), refused unless valid (:data:`_UID`)."""
+    value = str(ds.get(keyword, "")).strip(" \x00")
+    if value and (len(value) > _UID_CHARS or not _UID.fullmatch(value)):
+        raise UnusableFileError(f"invalid {_label(keyword)} (PS3.5 9.1: digits and dots, at most "
+                                f"{_UID_CHARS} characters)")
+    return value
 
 
 def _text(ds: pydicom.Dataset, keyword: str) -> str:

@@ -46,7 +46,7 @@ from lungct.prepare.dicom import (
 __all__ = [
     "MAX_PATCH_SIDE_PX", "NO_SERIES_REASON", "RenderSettings",
     "Rendered", "render", "read_hu", "apply_window", "square_and_resize",
-    "lung_tissue_centre", "LOSSY_AIR_BELOW_HU", "NO_LUNG_REASON",
+    "lung_field", "lung_tissue_centre", "LOSSY_AIR_BELOW_HU", "NO_LUNG_REASON",
 ]
 
 _LUNG_MAX_HU = -500.0
@@ -96,35 +96,44 @@ def _resize_mask(mask: np.ndarray, size_px: int) -> np.ndarray:
     return result
 
 
+def lung_field(hu: np.ndarray) -> np.ndarray:
+    """The lung field of one HU slice (bool, the slice's shape): pixels below -500 HU inside
+    the body, the body being the largest 4-connected component above -500 HU with its holes
+    filled (air outside the patient is -1000 HU, aerated lung about -850 HU). All False when
+    no body is found. Prepare's ``no_finding`` patch centres and predict's sliding window use
+    this one rule."""
+    body = (hu > _BODY_MIN_HU).astype(np.uint8)
+    count, components, stats, _ = cv2.connectedComponentsWithStats(body, connectivity=4)
+    if count < 2:
+        return np.zeros(hu.shape, bool)
+    largest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+    contours, _ = cv2.findContours((components == largest).astype(np.uint8),
+                                   cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    filled = np.zeros(hu.shape, np.uint8)
+    cv2.drawContours(filled, contours, -1, 1, thickness=cv2.FILLED)
+    return (filled > 0) & (hu < _LUNG_MAX_HU)
+
+
 def lung_tissue_centre(hu: np.ndarray, patch_px: int, seed_text: str) -> tuple[float, float]:
     """A reproducible patch centre inside lung parenchyma for a ``no_finding`` patch.
 
-    Lung = pixels below -500 HU inside the body (the largest component above -500 HU with its
-    holes filled); the centre is drawn, seeded by ``seed_text``, among lung pixels whose
-    surrounding patch is mostly lung or body.
+    Lung = :func:`lung_field`; the centre is drawn, seeded by ``seed_text``, among lung
+    pixels whose surrounding patch is mostly lung or body.
 
     Raises:
         UnusableFileError: :data:`NO_LUNG_REASON` when the slice has no lung pixel (a patch
             there would show mediastinum or air, all alike): the sample is skipped.
     """
-    body = (hu > _BODY_MIN_HU).astype(np.uint8)
-    count, components, stats, _ = cv2.connectedComponentsWithStats(body, connectivity=4)
+    lung = lung_field(hu)
     rows, cols = hu.shape
-    if count > 1:
-        largest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
-        body = (components == largest).astype(np.uint8)
-        contours, _ = cv2.findContours(body, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-        filled = np.zeros_like(body)
-        cv2.drawContours(filled, contours, -1, 1, thickness=cv2.FILLED)
-        lung = (filled > 0) & (hu < _LUNG_MAX_HU)
-        half = patch_px // 2
-        inner = np.zeros_like(lung)
-        inner[half : rows - half, half : cols - half] = True
-        ys, xs = np.nonzero(lung & inner if (lung & inner).any() else lung)
-        if len(ys):
-            seed = int.from_bytes(hashlib.sha256(seed_text.encode()).digest()[:8], "little")
-            pick = int(np.random.default_rng(seed).integers(len(ys)))
-            return float(xs[pick]), float(ys[pick])
+    half = patch_px // 2
+    inner = np.zeros_like(lung)
+    inner[half : rows - half, half : cols - half] = True
+    ys, xs = np.nonzero(lung & inner if (lung & inner).any() else lung)
+    if len(ys):
+        seed = int.from_bytes(hashlib.sha256(seed_text.encode()).digest()[:8], "little")
+        pick = int(np.random.default_rng(seed).integers(len(ys)))
+        return float(xs[pick]), float(ys[pick])
     raise UnusableFileError(NO_LUNG_REASON)
 
 
