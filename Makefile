@@ -89,4 +89,5 @@ clean:
 	rm -rf build dist lungct.egg-info
 	rm -rf output_dataset output_dataset.partial raw_synthetic extracted runs reports predictions \
 		benchmarks/out \
+		.lungct-header-index.parquet \
 		lung_cancer_cnn_enhanced.h5 lung_cancer_cnn_enhanced.keras training_results.json
