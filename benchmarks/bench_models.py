@@ -115,6 +115,36 @@ def run_configuration(work: Path, seed: int, context_mm: float, folds: int,
             "seconds": seconds, **summarise_report(report)}
 
 
+def _ci(block: dict | None) -> str:
+    if block is None:
+        return "n/a"
+    return f"{block['value']:.3f} [{block['ci_low']:.3f}, {block['ci_high']:.3f}]"
+
+
+def markdown_table(record: dict) -> str:
+    """One row per configuration: the figures the models issue asks for."""
+    lines = ["| seed | context mm | folds | nodule AUC | nodule: CNN - diameter | "
+             "slice: CNN - diameter | Brier before -> after | log loss before -> after | "
+             "ECE after (reference) | T | wall s (prep/train/interp) |",
+             "| " + " | ".join(["---"] * 11) + " |"]
+    for row in sorted(record["rows"], key=lambda r: (r["folds"], r["context_mm"], r["seed"])):
+        levels, cal = row["levels"], row["calibration"]
+        reference = (cal.get("ece_reference") or {}).get("mean")
+        lines.append(
+            f"| {row['seed']} | {row['context_mm']:g} | {row['folds']} | "
+            f"{_ci(levels['nodule_level']['cnn_auc'])} | "
+            f"{_ci(levels['nodule_level']['difference'])} | "
+            f"{_ci(levels['slice_level']['difference'])} | "
+            f"{cal['before']['brier']['value']:.3f} -> {cal['after']['brier']['value']:.3f} | "
+            f"{cal['before']['log_loss']['value']:.3f} -> "
+            f"{cal['after']['log_loss']['value']:.3f} | "
+            f"{cal['after']['ece']['value']:.3f} ({reference:.3f}) | "
+            f"{cal['temperature']:.2f} | "
+            f"{row['seconds']['prepare']:.0f}/{row['seconds']['train']:.0f}/"
+            f"{row['seconds']['interpret']:.0f} |")
+    return "\n".join(lines)
+
+
 def _key(row: dict) -> tuple:
     return row["seed"], float(row["context_mm"]), row["folds"]
 
@@ -129,8 +159,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target-count", type=int, default=1000)
     parser.add_argument("--work", type=Path, default=Path("benchmarks/out/models_grid"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/models_grid.json"))
+    parser.add_argument("--table", action="store_true",
+                        help="print the Markdown table of --out and stop")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    if args.table:
+        sys.stdout.write(markdown_table(json.loads(args.out.read_text())) + "\n")
+        return 0
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     record = json.loads(args.out.read_text()) if args.out.is_file() else {

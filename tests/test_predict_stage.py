@@ -65,6 +65,9 @@ def test_xml_candidates_reproduce_training_probabilities(pipeline: dict, xml_run
         assert len(scored) == 1, row.Index
         assert abs(float(scored[0]["probability"]) - row.y_prob) <= TOLERANCE, row.Index
         assert scored[0]["place"] == "lidc_xml"
+        # the drawn patch's centre, by prepare's rule: the manifest's value, to the digit
+        assert (scored[0]["patch_centre_x_mm"], scored[0]["patch_centre_y_mm"]) == (
+            row.patch_centre_x_mm, row.patch_centre_y_mm), row.Index
 
 
 def test_summary_and_series_record(pipeline: dict, xml_run: Path) -> None:
@@ -171,13 +174,13 @@ def test_a_3_channel_dataset_without_context_exits_2(pipeline: dict, tmp_path: P
                                                      capsys: pytest.CaptureFixture) -> None:
     """A 2.5D rendering must say its context distance: one sentence, exit 2."""
     results = json.loads(pipeline["results"].read_text())
-    results["dataset"] |= {"channels": 3, "context_mm": 0}
+    results["dataset"] |= {"channels": 3, "context_mm": 0, "channel_order": ["z-D", "z", "z+D"]}
     broken = tmp_path / "training_results.json"
     broken.write_text(json.dumps(results))
     assert predict_lung_ct.main(["--input", str(pipeline["root"] / "raw_synthetic"),
                                  "--results", str(broken), "--out", str(tmp_path / "p")]) == 2
-    assert "a 3-channel (2.5D) dataset needs a positive dataset.context_mm, got 0" in (
-        capsys.readouterr().err)
+    assert ("a 3-channel (2.5D) dataset needs a positive dataset.context_mm of at most 50 mm, "
+            "got 0") in capsys.readouterr().err
 
 
 def test_an_unknown_patient_id_exits_2(pipeline: dict, tmp_path: Path,

@@ -22,7 +22,7 @@ from lungct import contract
 from lungct.prepare import dicom
 from lungct.prepare.candidates import Candidate, MaskCrop
 from lungct.prepare.config import PrepareConfig
-from lungct.prepare.context import HuCache, context_hu
+from lungct.prepare.context import HuCache, context_hu, context_reason
 from lungct.prepare.render import (
     NO_SERIES_REASON,
     RenderSettings,
@@ -130,9 +130,12 @@ def test_a_plane_on_a_slice_is_that_slice(series):
     (7, "2.5D context z + 2 mm outside the series"),  # 8.75 + 2 > 8.75
 ])
 def test_context_outside_the_series_is_skipped(series, index, reason):
-    """A plane beyond the first or last slice cannot be drawn: the sample is skipped."""
+    """A plane beyond the first or last slice cannot be drawn: the sample is skipped, with
+    the reason context_reason gives from the geometry alone (before any decoding)."""
     with pytest.raises(dicom.UnusableFileError, match=f"^{re.escape(reason)}$"):
         render(candidate(series, index), SLICE_VIEW)
+    assert context_reason(series.stack, candidate(series, index).slice_z_mm, D_MM) == reason
+    assert context_reason(series.stack, candidate(series, 2).slice_z_mm, D_MM) is None
 
 
 def test_context_across_a_gap_is_skipped(tmp_path):
@@ -145,6 +148,9 @@ def test_context_across_a_gap_is_skipped(tmp_path):
     with pytest.raises(dicom.UnusableFileError,
                        match=r"^2\.5D context z - 2 mm across a gap in the series$"):
         render(candidate(gapped, 4), SLICE_VIEW)  # 6.25 - 2 = 4.25 mm, in 3.75 ... 6.25
+    assert [context_reason(gapped.stack, z_mm, D_MM) for z_mm in (3.75, 6.25, 8.75)] == [
+        "2.5D context z + 2 mm across a gap in the series",
+        "2.5D context z - 2 mm across a gap in the series", None]
     beside = render(candidate(gapped, 6), SLICE_VIEW)  # 8.75 mm: 6.75 and 10.75 mm are fine
     np.testing.assert_array_equal(beside.image[..., 0],
                                   by_hand(0.6 * slice_hu(5) + 0.4 * slice_hu(6)))
@@ -295,7 +301,7 @@ def test_end_to_end_slice_view_with_context(tmp_path, cohort, capsys):
             single = contract.read_png(tmp_path / "flat" / row["path"], size_px=32)
             np.testing.assert_array_equal(image[..., 1], single)
             assert not np.array_equal(image[..., 0], single)  # a real neighbour plane
-        if row["mask_path"]:
+        if row["mask_path"] and row["path"] in flat_by_path:
             mask = contract.read_png(tmp_path / "ctx" / row["mask_path"], size_px=32)
             np.testing.assert_array_equal(mask, contract.read_png(
                 tmp_path / "flat" / flat_by_path[row["path"]]["mask_path"], size_px=32))
@@ -305,6 +311,34 @@ def test_end_to_end_slice_view_with_context(tmp_path, cohort, capsys):
     assert prepare(tmp_path, cohort, "ctx", "--context-mm", "2.5") == 0  # reused
     assert prepare(tmp_path, cohort, "ctx", "--context-mm", "1.5") == 2
     assert "was made with other settings; use --overwrite" in capsys.readouterr().err
+
+
+def test_context_is_checked_before_balancing(tmp_path, cohort):
+    """Samples without context planes are dropped before the split and balancing, so every
+    split gets exactly the samples per class that balancing asked for (none lost after it)
+    and the context skips reduce what was available instead."""
+    assert prepare(tmp_path, cohort, "ctx", "--context-mm", "7.5", "--target-count", "40") == 0
+    assert prepare(tmp_path, cohort, "flat", "--target-count", "40") == 0
+    info = contract.read_dataset_info(tmp_path / "ctx")
+    flat = contract.read_dataset_info(tmp_path / "flat")
+    for split, counts in info["counts"].items():
+        for class_name in ("cancer", "non_cancer"):
+            assert counts[class_name] == counts["requested"][class_name] > 0, (split, class_name)
+    assert sum(sum(c["available"].values()) for c in info["counts"].values()) == sum(
+        sum(c["available"].values()) for c in flat["counts"].values()) - 20
+    reasons = info["files_skipped"]["by_reason"]
+    assert (reasons["2.5D context z - 7.5 mm outside the series"],
+            reasons["2.5D context z + 7.5 mm outside the series"]) == (12, 8)
+    rows = manifest_rows(tmp_path / "ctx")
+    assert len(rows) == 40 and not any("context" in reason for reason in
+                                       _skipped_reasons_of(tmp_path / "ctx", rows))
+
+
+def _skipped_reasons_of(dataset: Path, rows: list[dict]) -> list[str]:
+    """The skip reasons recorded for the manifest's own source files (none expected)."""
+    sources = {row["source_file"] for row in rows}
+    with open(dataset / contract.SKIPPED_FILE, newline="") as handle:
+        return [row["reason"] for row in csv.DictReader(handle) if row["file"] in sources]
 
 
 def test_end_to_end_patch_view_records_patch_centres(tmp_path, cohort):

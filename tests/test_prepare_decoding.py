@@ -29,6 +29,7 @@ from pydicom.uid import (
     JPEGLosslessSV1,
     JPEGLSLossless,
     RLELossless,
+    generate_uid,
 )
 
 from lungct import contract
@@ -40,7 +41,10 @@ PADDING = -2000  # stored; outside the synthetic scanner's circular field of vie
 SLICE = render.RenderSettings(128, -600.0, 1500.0, "slice", 64.0)
 PATCH = render.RenderSettings(64, -600.0, 1500.0, "patch", 64.0)
 JPEG_LOSSLESS_P14 = "1.2.840.10008.1.2.4.57"
-# bad_sequence.dcm holds hashes where UIDs belong (pydicom warns; lungct reads them as text).
+# bad_sequence.dcm holds hex hashes where UIDs belong: pydicom warns, lungct refuses them
+# (PS3.5 9.1), so its copy here gets real UIDs (the pixel data stays as it is).
+HASH_UID_FILE = "bad_sequence.dcm"
+UID_KEYWORDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
 
 
@@ -50,7 +54,13 @@ def real(name: str, tmp_path: Path) -> Path:
     assert source is not None, f"{name}: install pydicom-data (requirements-dev.txt)"
     folder = tmp_path / name.removesuffix(".dcm")
     folder.mkdir()
-    return Path(shutil.copy(source, folder / name))
+    copy = Path(shutil.copy(source, folder / name))
+    if name == HASH_UID_FILE:
+        ds = pydicom.dcmread(copy)
+        for keyword in UID_KEYWORDS:
+            setattr(ds, keyword, generate_uid(entropy_srcs=[name, keyword]))
+        ds.save_as(copy)
+    return copy
 
 
 def pngs(path: Path) -> tuple[bytes, bytes]:
@@ -87,8 +97,12 @@ def test_real_lossless_slices_give_pydicoms_hu(tmp_path, name):
 
 
 def test_bad_sequence_jpeg_lossless_sv1_is_decoded(tmp_path):
-    """A real JPEG Lossless SV1 CT slice (12 bits, unsigned) decodes to plausible HU."""
-    path = real("bad_sequence.dcm", tmp_path)
+    """A real JPEG Lossless SV1 CT slice (12 bits, unsigned) decodes to plausible HU; as
+    bundled, with hashes for UIDs, it is refused as a sample."""
+    with pytest.raises(dicom.UnusableFileError, match=r"^invalid \(0020,000E\) Series Instance "
+                                                      r"UID \(PS3\.5 9\.1: digits and dots"):
+        dicom.read_header(Path(get_testdata_file(HASH_UID_FILE, download=False)))
+    path = real(HASH_UID_FILE, tmp_path)
     hu, _ = render.read_hu(path)
     assert hu.shape == (512, 512) and -1024 <= hu.min() < -900 and 1000 < hu.max() < 3072
     assert all(len(png) > 100 for png in pngs(path))

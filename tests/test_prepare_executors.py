@@ -6,11 +6,13 @@ import json
 import logging
 import multiprocessing
 import os
+import re
 import sys
 from pathlib import Path
 
 import pytest
 
+import lungct
 from lungct import contract
 from lungct.errors import UserError
 from lungct.prepare import executors
@@ -18,6 +20,8 @@ from lungct.prepare.cli import main
 from lungct.prepare.executors import LocalExecutor, open_executor
 
 distributed = pytest.importorskip("distributed")
+
+REAL_VERSION = lungct.__version__
 
 SYNTHETIC = ["--source", "synthetic", "--synthetic-patients", "6", "--synthetic-size", "64",
              "--image-size", "32", "--quiet"]
@@ -107,3 +111,39 @@ def test_local_executor_keeps_task_order(caplog):
     with caplog.at_level(logging.INFO), open_executor("local", 2) as executor:
         assert isinstance(executor, LocalExecutor)
         assert list(executor.map(abs, [-3, 1, -2, 5], "abs")) == [3, 1, 2, 5]
+
+
+def test_workers_are_asked_for_the_folders_and_version_and_task_errors_are_one_line(
+        tmp_path, monkeypatch):
+    """Before any task: a folder a worker cannot see, or another lungct on the workers, is
+    one sentence; a task's own error (not a killed worker) is one sentence too."""
+    with open_executor("dask", 1, dashboard_address=None) as executor:
+        executor.check_shared(tmp_path, "read the input from")
+        absent = tmp_path / "not-shared"
+        with pytest.raises(UserError, match=(
+                rf"^the Dask workers cannot see {re.escape(str(absent))} \(1 of 1, e\.g\. "
+                r"tcp://[^)]+\): workers must read the input from a path they all share\.$")):
+            executor.check_shared(absent, "read the input from")
+        monkeypatch.setattr(lungct, "__version__", "9.9.9")  # this process only
+        with pytest.raises(UserError, match=(
+                rf"^the Dask workers run lungct {re.escape(REAL_VERSION)} but this process "
+                r"runs 9\.9\.9: install the same lungct on every worker\.$")):
+            executor.check_shared(tmp_path, "write the output to")
+        with pytest.raises(UserError, match=(
+                r"^a parse task failed on a Dask worker \(ValueError: invalid literal for "
+                r"int\(\) with base 10: 'x'\): see the workers' logs, or run with "
+                r"--executor local to see it here\.$")):
+            list(executor.map(int, ["1", "x"], "parse"))
+
+
+def test_prepare_stops_when_the_workers_cannot_see_the_input(tmp_path, monkeypatch, capsys):
+    """prepare asks before reading headers: exit 2 and the sentence, no dataset."""
+    monkeypatch.setattr(executors, "_dashboard_address", lambda: None)
+    monkeypatch.delenv("DASK_SCHEDULER_ADDRESS", raising=False)
+    monkeypatch.setattr(executors, "_worker_view", lambda folders: (folders, lungct.__version__))
+    assert main([*SYNTHETIC, "--work-dir", str(tmp_path / "work"), "--output",
+                 str(tmp_path / "out"), "--workers", "1", "--executor", "dask"]) == 2
+    err = capsys.readouterr().err
+    assert "the Dask workers cannot see " + str(tmp_path / "work" / "raw_synthetic") in err
+    assert "workers must read the input from a path they all share." in err
+    assert not (tmp_path / "out").exists()

@@ -70,7 +70,8 @@ def test_second_read_opens_no_file_and_gives_equal_headers_and_reasons(tree, tmp
 
 
 def test_changed_file_is_read_again(tree, tmp_path, count_reads):
-    """A new mtime_ns (or size, or inode) makes its row stale; the others are reused."""
+    """A new mtime_ns (or size, ctime_ns, inode, device) makes its row stale; the others
+    are reused."""
     root, files = tree
     index = index_path(tmp_path)
     _read(root, files, index)
@@ -79,6 +80,34 @@ def test_changed_file_is_read_again(tree, tmp_path, count_reads):
     count_reads.clear()
     _read(root, files, index)
     assert count_reads == [files[1]]
+
+
+def test_rewrite_with_the_same_size_and_mtime_is_read_again(tree, tmp_path, count_reads):
+    """A file rewritten in place (same inode, same size) with its mtime set back, as
+    ``cp -p`` or ``rsync -t`` do, still has a new ctime_ns: its header is read again."""
+    root, files = tree
+    index = index_path(tmp_path)
+    assert _read(root, files, index)[2] == "not a CT image ((0008,0060) Modality MR)"
+    mr = files[2]
+    before = mr.stat()
+    modality = b"\x08\x00\x60\x00CS\x02\x00"  # (0008,0060) CS, length 2, explicit VR LE
+    data = mr.read_bytes()
+    assert data.count(modality + b"MR") == 1
+    with open(mr, "r+b") as handle:  # in place: the inode is kept
+        handle.write(data.replace(modality + b"MR", modality + b"CT"))
+    os.utime(mr, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = mr.stat()
+    assert (after.st_size, after.st_mtime_ns, after.st_ino) == (
+        before.st_size, before.st_mtime_ns, before.st_ino)
+    count_reads.clear()
+    again = _read(root, files, index)
+    assert count_reads == [mr]
+    assert isinstance(again[2], dicom.SliceHeader) and again[2].path == mr
+    table = pq.read_table(index)
+    assert table.column_names[1:6] == list(header_index.STAT_COLUMNS)
+    row = table.column("path").to_pylist().index(os.fsencode(mr))
+    assert [table.column(name)[row].as_py() for name in header_index.STAT_COLUMNS] == [
+        after.st_size, after.st_mtime_ns, after.st_ctime_ns, after.st_ino, after.st_dev]
 
 
 def test_rows_of_deleted_files_are_dropped_and_other_trees_kept(tree, tmp_path):

@@ -2,8 +2,9 @@
 PACS viewer shows beside the original.
 
 Made with highdicom (``SCImage.from_ref_dataset``: patient and study modules copied from the
-source slice), in the same study, in a new series whose UID derives from the source series
-and the model (a re-run gives the same UIDs). ContentQualification (0018,9004) RESEARCH,
+source slice), in the same study, in a new series whose UID derives from the source series,
+the model and the scoring settings (a re-run gives the same UIDs; other settings, other
+UIDs). ContentQualification (0018,9004) RESEARCH,
 BurnedInAnnotation (0028,0301) YES (the probability is written on the image), and a Source
 Image Sequence (0008,2112) naming the CT slice each overlay shows (highdicom has no parameter
 for it, so it is added after construction).
@@ -53,7 +54,7 @@ def _secondary_capture(ref: Dataset, overlay: np.ndarray, new_series: str,
 
 
 def write_secondary_capture(overlays: list[np.ndarray], sources: list[Path], folder: Path,
-                            series_uid: str, model_sha256: str) -> list[Path]:
+                            series_uid: str, settings_hash: str) -> list[Path]:
     """Write one Secondary Capture image per overlay (RGB uint8) into ``folder``.
 
     Args:
@@ -61,12 +62,14 @@ def write_secondary_capture(overlays: list[np.ndarray], sources: list[Path], fol
         sources: the CT slice each overlay shows (its patient, study and references).
         folder: where the ``.dcm`` files go.
         series_uid: the source series' (0020,000E) Series Instance UID.
-        model_sha256: SHA-256 of the model file: part of the new UIDs.
+        settings_hash: a hash of the model and the scoring settings (Grad-CAM top, lungct
+            version): part of the new series' UID, from which every SOP Instance UID
+            derives, so outputs of other settings never share a UID.
 
     Returns:
         The files written, in the order of ``overlays``.
     """
-    new_series = generate_uid(entropy_srcs=["lungct-predict", series_uid, model_sha256])
+    new_series = generate_uid(entropy_srcs=["lungct-predict", series_uid, settings_hash])
     written = []
     for number, (overlay, source) in enumerate(zip(overlays, sources, strict=True), start=1):
         ref = read_dataset(source, stop_before_pixels=True)

@@ -10,6 +10,7 @@ Pixel Spacing (:meth:`lungct.prepare.dicom.SliceHeader.pixel_of_patient_xy`).
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +22,13 @@ from lungct.errors import UserError
 from lungct.prepare.candidates import Candidate, display_path
 from lungct.prepare.series import Series
 
-__all__ = ["NoduleCentre", "centre_candidates", "read_nodules"]
+__all__ = ["MAX_BYTES", "NoduleCentre", "centre_candidates", "check_rows", "read_nodules"]
+
+LOG = logging.getLogger(__name__)
 
 MAX_ROWS = 1_000_000  # a nodule list longer than this is not a list of nodules
+MAX_BYTES = 50_000_000  # bytes; 1e6 rows of UIDs and coordinates fit in well under this
+_SHOWN = 5  # rows named in the warning about unmatched rows
 _COORDINATES = ("x_mm", "y_mm", "z_mm")
 
 
@@ -43,9 +48,16 @@ def read_nodules(path: Path) -> list[NoduleCentre]:
     """Read and check the nodules CSV.
 
     Raises:
-        UserError: unreadable file, missing columns, an empty identifier or a coordinate that
-            is not a finite number.
+        UserError: unreadable or larger than :data:`MAX_BYTES` file, missing columns, an
+            empty identifier or a coordinate that is not a finite number.
     """
+    try:
+        size = Path(path).stat().st_size
+    except OSError as error:
+        raise UserError(f"cannot read --nodules {path} ({error.strerror})") from None
+    if size > MAX_BYTES:
+        raise UserError(f"--nodules {path} has {size} bytes, more than the {MAX_BYTES} a list "
+                        "of nodule centres needs")
     try:
         table = pd.read_csv(path, dtype=str, keep_default_na=False, nrows=MAX_ROWS + 1)
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError,
@@ -105,3 +117,28 @@ def centre_candidates(series: Series, centres: list[NoduleCentre]
             convolution_kernel=header.convolution_kernel, lossy=header.lossy,
             centre_xy_px=(column_px, row_px), header=header, stack=series.stack))
     return candidates, warnings
+
+
+def check_rows(centres: list[NoduleCentre], series: list[Series]) -> None:
+    """Check the rows against the series of the input: a row whose series_uid and
+    patient_id contradict that series' (0010,0020) Patient ID is refused; rows that name no
+    series of the input get one warning (up to :data:`_SHOWN` of them listed).
+
+    Raises:
+        UserError: a row's patient_id is not the patient of the series it names.
+    """
+    patients = {s.series_uid: s.patient_id for s in series}
+    known_patients = set(patients.values())
+    unmatched = []
+    for centre in centres:
+        if centre.series_uid and centre.series_uid in patients:
+            if centre.patient_id and centre.patient_id != patients[centre.series_uid]:
+                raise UserError(f"--nodules row {centre.row}: series {centre.series_uid} "
+                                f"belongs to patient {patients[centre.series_uid]!r} in its "
+                                f"(0010,0020) Patient ID, not {centre.patient_id!r}")
+        elif centre.series_uid or centre.patient_id not in known_patients:
+            unmatched.append(centre.row)
+    if unmatched:
+        shown = ", ".join(str(r) for r in unmatched[:_SHOWN])
+        more = f" and {len(unmatched) - _SHOWN} more" if len(unmatched) > _SHOWN else ""
+        LOG.warning("--nodules rows %s%s name no series of the input: not used", shown, more)

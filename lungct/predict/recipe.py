@@ -179,16 +179,16 @@ def read_recipe(results_path: Path, model_override: Path | None) -> Recipe:
         UserError: unreadable results, no recorded rendering, or no model file.
     """
     results = contract.read_training_results(results_path)
-    if model_override is None:
-        # the selected model must be the one these results (and their threshold) describe
-        verify_file_set(results.get("files_sha256"), results_path.parent, str(results_path),
-                        "training_lung_cnn.py")
     dataset = results.get("dataset")
     if not isinstance(dataset, dict) or not dataset:
         raise UserError(f"{results_path} records no dataset rendering (dataset is empty): the "
                         "model cannot be fed as it was trained; re-run training_lung_cnn.py on "
                         "a dataset made by prepare_lung_dataset.py")
     settings, channels, context_mm = _settings(dataset, str(results_path))
+    if model_override is None:
+        # the selected model must be the one these results (and their threshold) describe
+        verify_file_set(results.get("files_sha256"), results_path.parent, str(results_path),
+                        "training_lung_cnn.py")
     path = _model_path(results, results_path, model_override)
     threshold = {k: results["threshold"][k] for k in ("value", "rule", "comparison")
                  if k in results["threshold"]}

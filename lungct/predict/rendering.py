@@ -6,7 +6,8 @@ candidates carry their slice header and the series' stack, as prepare's do). The
 a series are drawn in z order through one :class:`lungct.prepare.context.HuCache`, as prepare
 draws them, so each slice is decoded once however many patches (sliding-window positions, or
 context planes) it serves. The sliding window (patch models without nodule centres) makes its
-candidates here, from each slice's lung field.
+candidates here, from each slice's lung field (:func:`lungct.prepare.render.lung_field`,
+the rule prepare places its ``no_finding`` patches with).
 """
 
 from __future__ import annotations
@@ -14,21 +15,16 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 
-import cv2
 import numpy as np
 
 from lungct.predict.places import slice_candidates
 from lungct.prepare.candidates import Candidate
 from lungct.prepare.context import HuCache
 from lungct.prepare.dicom import UnusableFileError
-from lungct.prepare.render import RenderSettings, read_hu, render
+from lungct.prepare.render import RenderSettings, lung_field, read_hu, render
 from lungct.prepare.series import Series
 
-__all__ = ["LUNG_FIELD_HU", "RenderedSeries", "SeriesJob", "render_series", "window_grid"]
-
-#: HU; lung field = pixels inside the body below this (aerated lung, PS: air is -1000 HU).
-LUNG_FIELD_HU = -400.0
-_BODY_HU = -500.0
+__all__ = ["RenderedSeries", "SeriesJob", "render_series", "window_grid"]
 
 
 @dataclass(frozen=True)
@@ -43,30 +39,18 @@ class SeriesJob:
 
 @dataclass
 class RenderedSeries:
-    """The images of one series (uint8 (N, S, S, C)), the candidates they show, and a reason
-    for every candidate that could not be drawn; ``grid`` (sliding window) maps each image to
-    its (slice index, grid row, grid column) and holds the grid's shape."""
+    """The images of one series (uint8 (N, S, S, C)), the candidates they show, the patch
+    centre of each in patient x, y mm (``Rendered.patch_centre_xy_mm``: None for the slice
+    view), and a reason for every candidate that could not be drawn; ``grid`` (sliding
+    window) maps each image to its (slice index, grid row, grid column) and holds the grid's
+    shape."""
 
     images: np.ndarray
     candidates: list[Candidate]
+    centres_mm: list[tuple[float, float] | None] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     grid: list[tuple[int, int, int]] = field(default_factory=list)
     grid_shape: tuple[int, int] = (0, 0)
-
-
-def _lung_field(hu: np.ndarray) -> np.ndarray:
-    """Pixels below :data:`LUNG_FIELD_HU` inside the body (largest component above -500 HU,
-    holes filled)."""
-    body = (hu > _BODY_HU).astype(np.uint8)
-    count, components, stats, _ = cv2.connectedComponentsWithStats(body, connectivity=4)
-    if count < 2:
-        return np.zeros(hu.shape, bool)
-    largest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
-    contours, _ = cv2.findContours((components == largest).astype(np.uint8),
-                                   cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    filled = np.zeros(hu.shape, np.uint8)
-    cv2.drawContours(filled, contours, -1, 1, thickness=cv2.FILLED)
-    return (filled > 0) & (hu < LUNG_FIELD_HU)
 
 
 def window_grid(rows: int, columns: int, side_px: int) -> tuple[np.ndarray, np.ndarray]:
@@ -93,7 +77,7 @@ def _windows(job: SeriesJob, centres: tuple[np.ndarray, np.ndarray], failed: dic
     rows_px, columns_px = centres
     for index, base in enumerate(slice_candidates(job.series)):
         try:
-            lung = _lung_field(cache.read(base.source_path)[0])
+            lung = lung_field(cache.read(base.source_path)[0])
         except UnusableFileError as skip:
             failed[base.source_file] = str(skip)
             continue
@@ -111,18 +95,20 @@ def render_series(job: SeriesJob) -> RenderedSeries:
     places: Iterable[tuple[Candidate, tuple[int, int, int] | None]] = (
         _windows(job, centres, failed, cache) if job.source == "sliding_window"
         else ((candidate, None) for candidate in job.candidates))
-    images, kept, kept_grid = [], [], []
+    images, kept, centres_mm, kept_grid = [], [], [], []
     for candidate, position in places:
         try:
-            image = render(candidate, job.settings, cache).image
+            drawn = render(candidate, job.settings, cache)
         except UnusableFileError as skip:
             failed[candidate.source_file] = str(skip)
             continue
-        images.append(image if image.ndim == 3 else image[..., None])
+        images.append(drawn.image if drawn.image.ndim == 3 else drawn.image[..., None])
         kept.append(candidate)
+        centres_mm.append(drawn.patch_centre_xy_mm)
         if position is not None:
             kept_grid.append(position)
     size = job.settings.image_size_px
     stacked = (np.stack(images) if images
                else np.zeros((0, size, size, 3 if job.settings.context_mm else 1), np.uint8))
-    return RenderedSeries(stacked, kept, failed, kept_grid, (len(centres[0]), len(centres[1])))
+    return RenderedSeries(stacked, kept, centres_mm, failed, kept_grid,
+                          (len(centres[0]), len(centres[1])))

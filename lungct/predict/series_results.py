@@ -20,6 +20,7 @@ import numpy as np
 from lungct import __version__, contract
 from lungct.environment import package_versions
 from lungct.fileio import atomic_path, atomic_write_bytes
+from lungct.fingerprint import fingerprint
 from lungct.predict import outputs
 from lungct.predict.config import PredictConfig
 from lungct.predict.places import SLIDING_WINDOW_NOTICE
@@ -81,14 +82,13 @@ def reused_outcome(folder: Path, series_hash: str) -> SeriesOutcome | None:
 def _slice_rows(result: RenderedSeries, probabilities: np.ndarray, headers: dict[Path, SliceHeader],
                 threshold: float, source: str, masked: Callable[[str], str],
                 alias: Callable[[str], str]) -> list[dict[str, Any]]:
+    """slices.csv: one row per image; the patch centre is the drawn patch's
+    (``Rendered.patch_centre_xy_mm``, prepare's manifest rule)."""
     rows = []
-    for candidate, probability in zip(result.candidates, probabilities, strict=True):
+    for candidate, centre_mm, probability in zip(result.candidates, result.centres_mm,
+                                                 probabilities, strict=True):
         header = headers[candidate.source_path]
-        centre_x = centre_y = ""
-        if candidate.centre_xy_px is not None:
-            x_mm, y_mm = header.patient_xy_mm(candidate.centre_xy_px[1],
-                                              candidate.centre_xy_px[0])
-            centre_x, centre_y = f"{x_mm:.3f}", f"{y_mm:.3f}"
+        centre_x, centre_y = (f"{v:.3f}" for v in centre_mm) if centre_mm else ("", "")
         rows.append({"z_mm": f"{header.z_mm:.2f}", "instance_number": header.instance_number,
                      "sop_instance_uid": alias(header.sop_uid),
                      "probability": f"{probability:.6f}",
@@ -125,6 +125,23 @@ def _window_map(job: SeriesJob, result: RenderedSeries, probabilities: np.ndarra
                            contract.encode_png(overlay))
 
 
+def _clear(folder: Path) -> None:
+    """Remove a series folder's previous results: series.json first (the completion mark),
+    then the overlays, DICOM files and probability map it listed."""
+    (folder / outputs.SERIES_FILE).unlink(missing_ok=True)
+    for name in ("gradcam", "dicom", "probability_map"):
+        shutil.rmtree(folder / name, ignore_errors=True)
+    (folder / "probability_map.npy").unlink(missing_ok=True)
+
+
+def _uid_entropy(recipe: Recipe, config: PredictConfig) -> str:
+    """What the ``--dicom-out`` UIDs derive from besides the source series: the model and the
+    settings that change the images (Grad-CAM top, lungct version), so that different
+    outputs never share a SOP Instance UID."""
+    return fingerprint({"model_sha256": recipe.model_sha256,
+                        "gradcam_top": config.gradcam_top, "version": __version__})
+
+
 def _warnings(series: Series, recipe: Recipe) -> list[str]:
     """Acquisition outside what the model was trained on."""
     thickness = {h.slice_thickness_mm for h in series.slices if h.slice_thickness_mm}
@@ -140,7 +157,12 @@ def finish_series(job: SeriesJob, result: RenderedSeries, probabilities: np.ndar
                   scorer: Any, config: PredictConfig, recipe: Recipe, folder: Path,
                   series_hash: str, warnings: list[str], dropped: dict[str, str],
                   masker: Pseudonymiser | None) -> SeriesOutcome:
-    """Write the outputs of one scored series; its summary row."""
+    """Write the outputs of one scored series; its summary row.
+
+    The folder's previous results go first, series.json (the completion mark) before
+    anything else, so a run that stops half way never leaves a series that looks complete.
+    """
+    _clear(folder)
     series = job.series
     masked = masker.text if masker is not None else _identity
     alias = masker.alias if masker is not None else _identity
@@ -163,10 +185,9 @@ def finish_series(job: SeriesJob, result: RenderedSeries, probabilities: np.ndar
         # highdicom is imported only when DICOM results are asked for.
         from lungct.predict.dicom_out import SERIES_DESCRIPTION, write_secondary_capture
 
-        shutil.rmtree(folder / "dicom", ignore_errors=True)
         written = write_secondary_capture([o for o, _ in overlays], [p for _, p in overlays],
                                           folder / "dicom", series.series_uid,
-                                          recipe.model_sha256)
+                                          _uid_entropy(recipe, config))
         dicom_files = {"files": [p.relative_to(folder).as_posix() for p in written],
                        "series_description": SERIES_DESCRIPTION}
     outputs.write_csv(folder / "slices.csv", outputs.SLICES_COLUMNS, rows)
@@ -186,7 +207,6 @@ def finish_series(job: SeriesJob, result: RenderedSeries, probabilities: np.ndar
 def _gradcam(result: RenderedSeries, probabilities: np.ndarray, scorer: Any, top: int,
              threshold: float, folder: Path) -> list[tuple[np.ndarray, Path]]:
     """Grad-CAM overlays (RGB) of the ``top`` most suspicious images, written as PNGs."""
-    shutil.rmtree(folder / "gradcam", ignore_errors=True)
     chosen = np.argsort(-probabilities, kind="stable")[:top]
     if not len(chosen):
         return []

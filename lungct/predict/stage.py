@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from lungct import __version__
+from lungct import __version__, contract
 from lungct.cli import captured_stderr
 from lungct.errors import UserError
 from lungct.fileio import unsafe_relative
@@ -35,7 +35,7 @@ from lungct.parallel import chunk_size, exit_with_parent
 from lungct.predict import outputs
 from lungct.predict.config import PredictConfig
 from lungct.predict.discovery import Discovered, input_roots, start_discovery
-from lungct.predict.nodules_csv import read_nodules
+from lungct.predict.nodules_csv import check_rows, read_nodules
 from lungct.predict.places import choose_places
 from lungct.predict.recipe import Recipe, read_recipe
 from lungct.predict.rendering import RenderedSeries, SeriesJob, render_series
@@ -163,13 +163,13 @@ def _score_found(config: PredictConfig, recipe: Recipe, nodules: list | None,
         found.series = _of_patients(found.series, config.patient_ids)
     if masker is not None:
         masker.add_patients(s.patient_id for s in found.series)
-    masked = masker.text if masker is not None else (lambda text: text)
-    outputs.write_csv(out_dir / "skipped.csv", outputs.SKIPPED_COLUMNS,
-                      [{"file": masked(f), "reason": masked(r)}
-                       for f, r in sorted(found.skipped.items())])
+    contract.write_skipped(out_dir, {masked_text(masker, f): masked_text(masker, r)
+                                     for f, r in found.skipped.items()})
     if not found.series:
         raise UserError(f"no CT series in the input ({len(found.skipped)} files skipped; see "
-                        f"{out_dir / 'skipped.csv'})")
+                        f"{out_dir / contract.SKIPPED_FILE})")
+    if nodules is not None:
+        check_rows(nodules, found.series)
     outcomes, pending = _plan(config, recipe, nodules, found, out_dir, masker)
     if pending:
         outcomes += _score_pending(config, recipe, pending, found, masker, model, pool)

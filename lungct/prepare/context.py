@@ -8,7 +8,8 @@ the same distance whatever the slice spacing: neighbouring planes as the three c
 context enhanced region-based convolutional neural network for end-to-end lesion
 detection", MICCAI 2018. A plane outside the series, or between two slices further apart
 than the series' gap rule allows (:func:`lungct.prepare.series.max_step_mm`), cannot be
-drawn: the sample is skipped with the reason. The slices of a stack share one size
+drawn: the sample is skipped with the reason (:func:`context_reason`, asked before the split
+and balancing). The slices of a stack share one size
 (:func:`lungct.prepare.series.assemble_series` drops the others).
 
 Neighbour slices are decoded by the caller's reader (``lungct.prepare.render.read_hu``, the
@@ -27,7 +28,7 @@ import numpy as np
 from lungct.prepare.dicom import UnusableFileError
 from lungct.prepare.series import Z_TOLERANCE_MM, SliceStack
 
-__all__ = ["HU_CACHE_SLICES", "HuCache", "HuReader", "context_hu"]
+__all__ = ["HU_CACHE_SLICES", "HuCache", "HuReader", "context_hu", "context_reason"]
 
 #: Decoded slices kept by one :class:`HuCache`: a sample needs at most five (its own and two
 #: bracketing slices on each side), and the next sample of the series shares most of them.
@@ -68,6 +69,42 @@ def _offset_text(offset_mm: float) -> str:
     return f"z {'-' if offset_mm < 0 else '+'} {abs(offset_mm):g} mm"
 
 
+def context_reason(stack: SliceStack, z_mm: float, context_mm: float) -> str | None:
+    """Why the planes at ``z_mm`` - D and + D of ``stack`` cannot be drawn, or None.
+
+    Geometry only (no slice is decoded): prepare asks it when candidates are made, before the
+    split and balancing, so a class never loses samples near a series end or a gap after
+    balancing chose them. The rule is :func:`context_hu`'s own (:func:`_bracket`).
+    """
+    try:
+        for offset_mm in (-context_mm, context_mm):
+            _bracket(stack, z_mm + offset_mm, offset_mm)
+    except UnusableFileError as error:
+        return str(error)
+    return None
+
+
+def _bracket(stack: SliceStack, target: float, offset_mm: float) -> tuple[int, int, float]:
+    """The slices around ``target`` and the weight of the upper one: ``(k, k, 0.0)`` for a
+    slice within :data:`~lungct.prepare.series.Z_TOLERANCE_MM`, else ``(before, after, w)``.
+
+    Raises:
+        UnusableFileError: ``target`` is outside the series or across a gap in it.
+    """
+    z = np.asarray(stack.z_mm, dtype=np.float64)
+    nearest = int(np.argmin(np.abs(z - target)))
+    if abs(z[nearest] - target) <= Z_TOLERANCE_MM:
+        return nearest, nearest, 0.0
+    after = int(np.searchsorted(z, target))
+    if after == 0 or after == len(z):
+        raise UnusableFileError(f"2.5D context {_offset_text(offset_mm)} outside the series")
+    before = after - 1
+    if z[after] - z[before] > stack.max_step_mm:
+        raise UnusableFileError(f"2.5D context {_offset_text(offset_mm)} across a gap in the "
+                                "series")
+    return before, after, float((target - z[before]) / (z[after] - z[before]))
+
+
 def context_hu(stack: SliceStack, z_mm: float, offset_mm: float, read: HuReader) -> np.ndarray:
     """The HU plane at ``z_mm + offset_mm`` of a series: the one interpolation rule of 2.5D.
 
@@ -87,18 +124,8 @@ def context_hu(stack: SliceStack, z_mm: float, offset_mm: float, read: HuReader)
             in the series`` (the bracketing slices are further apart than
             ``stack.max_step_mm``), or a decoding refusal of a neighbour slice.
     """
-    target = z_mm + offset_mm
-    z = np.asarray(stack.z_mm, dtype=np.float64)
-    nearest = int(np.argmin(np.abs(z - target)))
-    if abs(z[nearest] - target) <= Z_TOLERANCE_MM:
-        return read(stack.paths[nearest])[0]
-    after = int(np.searchsorted(z, target))
-    if after == 0 or after == len(z):
-        raise UnusableFileError(f"2.5D context {_offset_text(offset_mm)} outside the series")
-    before = after - 1
-    if z[after] - z[before] > stack.max_step_mm:
-        raise UnusableFileError(f"2.5D context {_offset_text(offset_mm)} across a gap in the "
-                                "series")
-    weight = (target - z[before]) / (z[after] - z[before])
+    before, after, weight = _bracket(stack, z_mm + offset_mm, offset_mm)
+    if before == after:
+        return read(stack.paths[before])[0]
     below, above = read(stack.paths[before])[0], read(stack.paths[after])[0]
     return below * np.float32(1.0 - weight) + above * np.float32(weight)

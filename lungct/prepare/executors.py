@@ -11,7 +11,10 @@ A task is a whole series (rendering) or a batch of files (the header index), nev
 and only paths and small records cross process boundaries (pydicom datasets do not pickle
 reliably). Results come back in the order of the tasks, whatever the executor, so the output
 does not depend on it. Every worker must see the input and the output folder under the same
-absolute paths (a shared file system on a cluster).
+absolute paths (a shared file system on a cluster) and run the same lungct:
+:meth:`DaskExecutor.check_shared` asks every worker before any task is sent, and a failed task
+ends the run as one sentence naming the task and its error (the traceback is in the workers'
+logs, and at ``--verbose`` here).
 """
 
 from __future__ import annotations
@@ -19,11 +22,14 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
+import os
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from tqdm import tqdm
 
+import lungct
 from lungct.errors import UserError
 from lungct.parallel import pool_map
 
@@ -39,6 +45,7 @@ CONNECT_TIMEOUT_S = 30.0
 #: ``distributed.scheduler.allowed-failures``, set for the clusters prepare starts.
 MAX_TASK_FAILURES = 2
 _INSTALL_HINT = "--executor dask needs Dask: pip install 'lungct[dask]'"
+_SHOWN_CHARS = 200  # of a failed task's error message
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -54,6 +61,10 @@ class Executor(Protocol):
         """Yield ``function(item)`` for every item, in order."""
         ...
 
+    def check_shared(self, folder: Path, purpose: str) -> None:
+        """Raise :class:`~lungct.errors.UserError` when a worker cannot see ``folder``."""
+        ...
+
 
 class LocalExecutor:
     """This machine's process pool (:func:`lungct.parallel.pool_map`)."""
@@ -64,6 +75,14 @@ class LocalExecutor:
     def map(self, function: Callable[[Item], Result], items: Sequence[Item],
             description: str) -> Iterator[Result]:
         return pool_map(function, items, self.workers, description)
+
+    def check_shared(self, folder: Path, purpose: str) -> None:
+        """Nothing to check: the pool's processes are this machine's."""
+
+
+def _worker_view(folders: list[str]) -> tuple[list[str], str]:
+    """On a worker: which of ``folders`` it cannot see, and its lungct version."""
+    return [folder for folder in folders if not os.path.isdir(folder)], lungct.__version__
 
 
 class DaskExecutor:
@@ -90,10 +109,47 @@ class DaskExecutor:
                         f"a Dask worker died {MAX_TASK_FAILURES + 1} times running one "
                         f"{description} task (out of memory, or killed?): see the workers' "
                         "logs, give them more memory or use --executor local.") from None
+                except UserError:
+                    raise
+                except Exception as error:  # noqa: BLE001 - any task error, shown in one line
+                    LOG.debug("a %s task failed on a Dask worker", description, exc_info=True)
+                    shown = " ".join(str(error).split())[:_SHOWN_CHARS]
+                    raise UserError(
+                        f"a {description} task failed on a Dask worker "
+                        f"({type(error).__name__}: {shown}): see the workers' logs, or run "
+                        "with --executor local to see it here.") from None
                 bar.update()
         finally:
             bar.close()
             self.client.cancel(futures)
+
+
+    def check_shared(self, folder: Path, purpose: str) -> None:
+        """Ask every worker whether it sees ``folder`` and runs this lungct version.
+
+        Args:
+            folder: an absolute folder the tasks will read or write.
+            purpose: how the tasks use it, for the message (``"read the input from"``).
+
+        Raises:
+            UserError: a worker cannot see ``folder``, runs another lungct, or cannot run
+                lungct at all.
+        """
+        try:
+            views = self.client.run(_worker_view, [str(folder)])
+        except Exception as error:  # noqa: BLE001 - e.g. lungct missing on a worker
+            raise UserError(f"the Dask workers cannot run lungct ({type(error).__name__}): "
+                            f"install lungct {lungct.__version__} on every worker.") from None
+        blind = sorted(worker for worker, (missing, _) in views.items() if missing)
+        if blind:
+            raise UserError(f"the Dask workers cannot see {folder} ({len(blind)} of "
+                            f"{len(views)}, e.g. {blind[0]}): workers must {purpose} a path "
+                            "they all share.")
+        versions = sorted({version for _, version in views.values()} - {lungct.__version__})
+        if versions:
+            raise UserError(f"the Dask workers run lungct {', '.join(versions)} but this process "
+                            f"runs {lungct.__version__}: install the same lungct on every "
+                            "worker.")
 
 
 def _dashboard_address() -> str | None:

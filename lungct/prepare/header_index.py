@@ -3,11 +3,15 @@
 Reading headers dominates a prepare of a large tree (LIDC-IDRI: 244,000 files), and a header
 does not change while its file does not. The index is one Parquet file (pyarrow) in the work
 folder, :data:`INDEX_NAME`, with one row per input file: its absolute path (bytes, so names
-that are not UTF-8 survive), ``size``, ``mtime_ns`` and ``inode`` when it was read, and
+that are not UTF-8 survive), its ``os.stat`` when it was read (:data:`STAT_COLUMNS`), and
 either every field of :class:`~lungct.prepare.dicom.SliceHeader` or the ``reason`` it is not
 a usable CT slice (not DICOM, not CT, burned-in annotation, non-axial, a bad number...). A
-later run, with any settings, takes a file's row as long as its size, ``mtime_ns`` and inode
-are unchanged, so a second prepare of the same tree reads no header again. Rows are also
+later run, with any settings, takes a file's row as long as all of these are unchanged, so a
+second prepare of the same tree reads no header again. Size, ``mtime_ns`` and inode alone are
+not enough: ``cp -p``, ``rsync -t`` or an archive extraction can rewrite a file with the same
+size and mtime into a reused inode, but never without a new ``ctime_ns`` (set by the kernel on
+every write, not settable by ``os.utime``), and a copy on another file system has another
+device. Rows are also
 dropped when the rules that made them change (the code of ``dicom.py``/``decoders.py``, the
 pydicom version, the columns: :func:`rules_digest`), and transient read errors are never
 remembered.
@@ -38,25 +42,27 @@ from lungct.fileio import atomic_path
 from lungct.prepare import decoders, dicom
 from lungct.prepare.executors import Executor
 
-__all__ = ["INDEX_NAME", "MAX_FILES_PER_TASK", "index_path", "read_header_batch",
+__all__ = ["INDEX_NAME", "MAX_FILES_PER_TASK", "STAT_COLUMNS", "index_path", "read_header_batch",
            "read_headers", "rules_digest"]
 
 LOG = logging.getLogger(__name__)
 
 INDEX_NAME = ".lungct-header-index.parquet"
-INDEX_FORMAT = "1"
+INDEX_FORMAT = "2"  # 2: ctime_ns and device joined the stat key
 #: Files per indexing task: enough to make a task's overhead small (about 1 ms on Dask), few
 #: enough that every worker gets several tasks.
 MAX_FILES_PER_TASK = 256
 TASKS_PER_WORKER = 8
-_KEY_COLUMNS = ("path", "size", "mtime_ns", "inode", "reason")
+#: The ``os.stat`` fields that must all be unchanged for a row to be reused (st_size,
+#: st_mtime_ns, st_ctime_ns, st_ino, st_dev).
+STAT_COLUMNS = ("size", "mtime_ns", "ctime_ns", "inode", "device")
 #: Reasons of a failed read that may pass (permissions, a network file system's hiccup).
 _TRANSIENT = frozenset(f"unreadable DICOM ({name})" for name in (
     "OSError", "PermissionError", "FileNotFoundError", "TimeoutError", "InterruptedError",
     "BlockingIOError", "ConnectionError"))
 
 HeaderOrReason = dicom.SliceHeader | str
-Stat = tuple[int, int, int]
+Stat = tuple[int, int, int, int, int]
 
 
 def index_path(work_dir: Path) -> Path:
@@ -86,7 +92,8 @@ def _arrow_type(pa: Any, kind: Any) -> Any:
 def _schema(pa: Any) -> Any:
     return pa.schema(
         [("path", pa.binary()), ("size", pa.int64()), ("mtime_ns", pa.int64()),
-         ("inode", pa.uint64()), ("reason", pa.string())]
+         ("ctime_ns", pa.int64()), ("inode", pa.uint64()), ("device", pa.uint64()),
+         ("reason", pa.string())]
         + [(name, _arrow_type(pa, kind)) for name, kind in _header_fields()])
 
 
@@ -116,7 +123,7 @@ def _stat(path: Path) -> Stat | str:
         stat = os.stat(path)
     except OSError as error:
         return f"unreadable file ({error.strerror})"
-    return stat.st_size, stat.st_mtime_ns, stat.st_ino
+    return stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino, stat.st_dev
 
 
 def _pyarrow() -> tuple[Any, Any] | None:
@@ -149,7 +156,7 @@ def _load(path: Path, arrow: tuple[Any, Any]) -> dict[bytes, tuple[Stat, HeaderO
     names = [name for name, _ in _header_fields()]
     rows: dict[bytes, tuple[Stat, HeaderOrReason]] = {}
     for i, key in enumerate(columns["path"]):
-        stat = (columns["size"][i], columns["mtime_ns"][i], columns["inode"][i])
+        stat = typing.cast(Stat, tuple(columns[name][i] for name in STAT_COLUMNS))
         reason = columns["reason"][i]
         if reason is not None:
             rows[key] = (stat, reason)
@@ -167,8 +174,8 @@ def _save(path: Path, rows: dict[bytes, tuple[Stat, HeaderOrReason]],
     names = [name for name, _ in _header_fields()]
     records = []
     for key in sorted(rows):
-        (size, mtime_ns, inode), value = rows[key]
-        record = {"path": key, "size": size, "mtime_ns": mtime_ns, "inode": inode}
+        stat, value = rows[key]
+        record: dict[str, Any] = {"path": key, **dict(zip(STAT_COLUMNS, stat, strict=True))}
         if isinstance(value, str):
             record["reason"] = value
         else:

@@ -27,6 +27,7 @@ from lungct.prepare.candidates import (
     lidc_candidates,
     relative_display_path,
 )
+from lungct.prepare.context import context_reason
 from lungct.prepare.executors import Executor
 from lungct.prepare.header_index import read_headers
 from lungct.prepare.lidc_xml import (
@@ -116,7 +117,7 @@ def _from_lidc(config: PrepareConfig, root: Path, files: list[Path], xml_files: 
         found, reasons, counts, one_reader = lidc_candidates(
             series, readings, config.label_rule, config.negative_margin_mm, rel
         )
-        candidates += found
+        candidates += _with_context(found, config.context_mm, skipped)
         skipped.update(reasons)
         outcomes.update(counts)
         single_reader.update(one_reader)
@@ -129,6 +130,23 @@ def _from_lidc(config: PrepareConfig, root: Path, files: list[Path], xml_files: 
                  {"series": len(series_list),
                   "with_z_gaps": sum(s.z_gaps > 0 for s in series_list),
                   "z_gaps": sum(s.z_gaps for s in series_list)})
+
+
+def _with_context(candidates: list[Candidate], context_mm: float,
+                  skipped: dict[Path, str]) -> list[Candidate]:
+    """The candidates whose 2.5D context planes at z -/+ ``context_mm`` exist (all when 0); the
+    others' files get the reason here, before the split and balancing, not after them."""
+    if not context_mm:
+        return candidates
+    kept = []
+    for candidate in candidates:
+        reason = (context_reason(candidate.stack, candidate.slice_z_mm, context_mm)
+                  if candidate.stack is not None and candidate.slice_z_mm is not None else None)
+        if reason is None:
+            kept.append(candidate)
+        else:
+            skipped[candidate.source_path] = reason
+    return kept
 
 
 def _patient_finder(config: PrepareConfig, root: Path, headers: list[dicom.SliceHeader]

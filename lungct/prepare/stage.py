@@ -192,11 +192,13 @@ def _run_locked(config: PrepareConfig, output_dir: Path, masker: Pseudonymiser |
         return contract.read_dataset_info(output_dir)
     LOG.info("source %s: %d files under %s", source.description, len(files), source.root)
     with open_executor(config.executor, config.workers, config.dask_scheduler) as executor:
+        executor.check_shared(source.root, "read the input from")
         header_source = HeaderSource(executor, index_path(Path(config.work_dir)))
         found, skipped = _find_candidates(config, source, files, links, masker, header_source)
         selection = _split_and_balance(config, found.candidates, skipped)
         settings = _render_settings(config, found.label_source)
         staging = fresh_staging(output_dir).absolute()
+        executor.check_shared(staging, "write the output to")
         rows = _render_all(selection, settings, staging, executor, skipped)
     kill_point("prepare", "rendered")
     dataset = _describe(config, source, found, settings, selection, rows, skipped, input_hash)
