@@ -5,19 +5,14 @@ the stage process itself)."""
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
+from test_reliability import assert_workers_exit_with_parent
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _alive(pid: int) -> bool:
-    stat = Path(f"/proc/{pid}/stat")
-    return stat.exists() and "Z" not in stat.read_text().split()[2]
 
 
 def test_forkserver_workers_exit_when_the_stage_is_killed(tmp_path: Path) -> None:
@@ -39,15 +34,5 @@ def test_forkserver_workers_exit_when_the_stage_is_killed(tmp_path: Path) -> Non
                                      initargs=(os.getpid(),)) as pool:
                 list(pool.map(work, range(4)))
     """))
-    parent = subprocess.Popen([sys.executable, str(script)], cwd=REPO)
-    deadline = time.monotonic() + 60
-    while len(list(tmp_path.glob("worker-*"))) < 2:
-        assert time.monotonic() < deadline, "the workers never started"
-        time.sleep(0.05)
-    parent.send_signal(signal.SIGKILL)
-    parent.wait()
-    pids = [int(p.name.split("-")[1]) for p in tmp_path.glob("worker-*")]
-    deadline = time.monotonic() + 10
-    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not [pid for pid in pids if _alive(pid)], "orphaned forkserver workers"
+    assert_workers_exit_with_parent(subprocess.Popen([sys.executable, str(script)], cwd=REPO),
+                                    tmp_path)

@@ -188,6 +188,25 @@ def test_a_replaced_model_file_is_refused_by_interpretation(
     assert not (tmp_path / "reports").exists()
 
 
+def assert_workers_exit_with_parent(parent: subprocess.Popen, folder: Path) -> None:
+    """Wait for two ``worker-<pid>`` files in ``folder``, SIGKILL ``parent``, then check that
+    every worker is gone (or a zombie) within 10 s."""
+    deadline = time.monotonic() + 60
+    while len(list(folder.glob("worker-*"))) < 2:
+        assert time.monotonic() < deadline, "the workers never started"
+        time.sleep(0.05)
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    pids = [int(p.name.split("-")[1]) for p in folder.glob("worker-*")]
+    deadline = time.monotonic() + 10
+    alive = pids
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.1)
+        alive = [pid for pid in pids if Path(f"/proc/{pid}").exists()
+                 and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]]
+    assert not alive, f"orphaned workers still running: {alive}"
+
+
 def test_workers_exit_when_their_parent_is_killed(tmp_path: Path) -> None:
     """A SIGKILLed stage leaves no orphaned pool workers behind."""
     code = textwrap.dedent(f"""
@@ -200,21 +219,8 @@ def test_workers_exit_when_their_parent_is_killed(tmp_path: Path) -> None:
         for _ in pool_map(work, list(range(4)), 2, "test"):
             pass
     """)
-    parent = subprocess.Popen([sys.executable, "-c", code], cwd=REPO)
-    deadline = time.monotonic() + 60
-    while len(list(tmp_path.glob("worker-*"))) < 2:
-        assert time.monotonic() < deadline, "the workers never started"
-        time.sleep(0.05)
-    parent.send_signal(signal.SIGKILL)
-    parent.wait()
-    pids = [int(p.name.split("-")[1]) for p in tmp_path.glob("worker-*")]
-    deadline = time.monotonic() + 10
-    alive = pids
-    while alive and time.monotonic() < deadline:
-        time.sleep(0.1)
-        alive = [pid for pid in pids if Path(f"/proc/{pid}").exists()
-                 and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]]
-    assert not alive, f"orphaned workers still running: {alive}"
+    assert_workers_exit_with_parent(subprocess.Popen([sys.executable, "-c", code], cwd=REPO),
+                                    tmp_path)
 
 
 def test_framework_start_up_lines_stay_hidden(tmp_path: Path) -> None:

@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import prepare_lung_dataset
 import training_lung_cnn
 from lungct import contract
 from lungct.errors import UserError
@@ -82,15 +81,10 @@ def _train_args(dataset: Path, out: Path, *extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def folds_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:
-    """A 12-patient synthetic dataset trained with --folds 2: (dataset, out, results)."""
-    root = tmp_path_factory.mktemp("folds")
-    dataset, out = root / "output_dataset", root / "out"
-    assert prepare_lung_dataset.main([
-        "--source", "synthetic", "--synthetic-patients", "12", "--synthetic-size", "64",
-        "--view", "patch", "--image-size", "32", "--target-count", "120",
-        "--split", "0.5,0.25,0.25", "--work-dir", str(root), "--output", str(dataset),
-        "--workers", "1", "-q"]) == 0
+def folds_run(pipeline: dict[str, Path],
+              tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:
+    """The shared 12-patient pipeline dataset trained with --folds 2: (dataset, out, results)."""
+    dataset, out = pipeline["dataset"], tmp_path_factory.mktemp("folds") / "out"
     assert training_lung_cnn.main(_train_args(dataset, out, "--folds", "2", "-q")) == 0
     results = json.loads((out / contract.RESULTS_FILE).read_text(encoding="utf-8"))
     return dataset, out, results
