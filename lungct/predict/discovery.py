@@ -26,6 +26,7 @@ from lungct.prepare.archives import (
     read_refused_entries,
 )
 from lungct.prepare.candidates import display_path
+from lungct.prepare.header_index import header_or_reason
 from lungct.prepare.lidc_xml import LidcParseError, Readings, is_lidc_readings_file, parse_readings
 from lungct.prepare.series import Series, assemble_series
 
@@ -101,13 +102,6 @@ def _list_files(root: Path, skipped: dict[str, str]) -> list[Path]:
     return files
 
 
-def _header_or_reason(path: Path) -> dicom.SliceHeader | str:
-    try:
-        return dicom.read_header(path)
-    except dicom.UnusableFileError as skip:
-        return str(skip)
-
-
 def _readings(xml_files: list[Path], skipped: dict[str, str]) -> dict[str, Readings]:
     readings: dict[str, Readings] = {}
     for path in xml_files:
@@ -134,7 +128,7 @@ def start_discovery(roots: list[Path], skipped: dict[str, str], header_map: Head
     readings = _readings(xml_files, skipped)
     xml_set = set(xml_files)
     others = [f for f in files if f not in xml_set]
-    results = iter(header_map(_header_or_reason, others))
+    results = iter(header_map(header_or_reason, others))
     return lambda: _assemble(len(files), others, results, readings, skipped)
 
 

@@ -42,7 +42,8 @@ from lungct.fileio import atomic_path
 from lungct.prepare import decoders, dicom
 from lungct.prepare.executors import Executor
 
-__all__ = ["INDEX_NAME", "MAX_FILES_PER_TASK", "STAT_COLUMNS", "index_path", "read_header_batch",
+__all__ = ["INDEX_NAME", "MAX_FILES_PER_TASK", "STAT_COLUMNS", "header_or_reason", "index_path",
+           "read_header_batch",
            "read_headers", "rules_digest"]
 
 LOG = logging.getLogger(__name__)
@@ -106,7 +107,8 @@ def rules_digest() -> str:
     return digest.hexdigest()
 
 
-def _header_or_reason(path: Path) -> HeaderOrReason:
+def header_or_reason(path: Path) -> HeaderOrReason:
+    """The checked header of one file, or the reason it is not a usable CT slice."""
     try:
         return dicom.read_header(path)
     except dicom.UnusableFileError as skip:
@@ -115,7 +117,7 @@ def _header_or_reason(path: Path) -> HeaderOrReason:
 
 def read_header_batch(paths: list[Path]) -> list[HeaderOrReason]:
     """One task: the header (or skip reason) of each file of a batch, in order."""
-    return [_header_or_reason(path) for path in paths]
+    return [header_or_reason(path) for path in paths]
 
 
 def _stat(path: Path) -> Stat | str:
