@@ -11,7 +11,8 @@ benchmark cohort and reads from ``report.json``:
   patient-bootstrap 95% CI (``metadata_baseline``);
 - Brier score, log loss and ECE on test before and after temperature scaling, each with its
   CI, and the ECE a perfectly calibrated model would show at that sample size;
-- wall time per stage.
+- wall time per stage, and the machine's 1-minute load average when the configuration ends
+  (wall times measured beside other work are not comparable).
 
 Each configuration is appended to ``--out`` as soon as it finishes, and configurations already
 there are skipped, so an interrupted grid continues where it stopped. A dataset is prepared
@@ -112,7 +113,8 @@ def run_configuration(work: Path, seed: int, context_mm: float, folds: int,
         "--out", str(run_dir / "reports"), "-q"], run_dir / "interpret.log")
     report = json.loads((run_dir / "reports" / "report.json").read_text(encoding="utf-8"))
     return {"seed": seed, "context_mm": context_mm, "folds": folds,
-            "seconds": seconds, **summarise_report(report)}
+            "seconds": seconds, "load_average_1min_at_end": round(os.getloadavg()[0], 2),
+            **summarise_report(report)}
 
 
 def _ci(block: dict | None) -> str:

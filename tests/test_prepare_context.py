@@ -23,6 +23,7 @@ from lungct.prepare import dicom
 from lungct.prepare.candidates import Candidate, MaskCrop
 from lungct.prepare.config import PrepareConfig
 from lungct.prepare.context import HuCache, context_hu, context_reason
+from lungct.prepare.dicom_files import UnusableFileError
 from lungct.prepare.render import (
     NO_SERIES_REASON,
     RenderSettings,
@@ -132,7 +133,7 @@ def test_a_plane_on_a_slice_is_that_slice(series):
 def test_context_outside_the_series_is_skipped(series, index, reason):
     """A plane beyond the first or last slice cannot be drawn: the sample is skipped, with
     the reason context_reason gives from the geometry alone (before any decoding)."""
-    with pytest.raises(dicom.UnusableFileError, match=f"^{re.escape(reason)}$"):
+    with pytest.raises(UnusableFileError, match=f"^{re.escape(reason)}$"):
         render(candidate(series, index), SLICE_VIEW)
     assert context_reason(series.stack, candidate(series, index).slice_z_mm, D_MM) == reason
     assert context_reason(series.stack, candidate(series, 2).slice_z_mm, D_MM) is None
@@ -142,10 +143,10 @@ def test_context_across_a_gap_is_skipped(tmp_path):
     """A plane between slices further apart than the gap rule allows is not interpolated."""
     gapped = write_series(tmp_path / "gap", [0, 1, 2, 3, *range(5, 11)])  # no 5.0 mm slice
     assert gapped.z_gaps == 1 and gapped.stack.max_step_mm == 1.875  # 1.5 x 1.25 mm
-    with pytest.raises(dicom.UnusableFileError,
+    with pytest.raises(UnusableFileError,
                        match=r"^2\.5D context z \+ 2 mm across a gap in the series$"):
         render(candidate(gapped, 3), SLICE_VIEW)  # 3.75 + 2 = 5.75 mm, in 3.75 ... 6.25
-    with pytest.raises(dicom.UnusableFileError,
+    with pytest.raises(UnusableFileError,
                        match=r"^2\.5D context z - 2 mm across a gap in the series$"):
         render(candidate(gapped, 4), SLICE_VIEW)  # 6.25 - 2 = 4.25 mm, in 3.75 ... 6.25
     assert [context_reason(gapped.stack, z_mm, D_MM) for z_mm in (3.75, 6.25, 8.75)] == [
@@ -159,11 +160,11 @@ def test_context_across_a_gap_is_skipped(tmp_path):
 def test_context_needs_the_series(series, tmp_path):
     """A DICOM file without its series, or an image file, cannot have context."""
     alone = dataclasses.replace(candidate(series, 3), stack=None)
-    with pytest.raises(dicom.UnusableFileError, match=f"^{re.escape(NO_SERIES_REASON)}$"):
+    with pytest.raises(UnusableFileError, match=f"^{re.escape(NO_SERIES_REASON)}$"):
         render(alone, SLICE_VIEW)
     image = tmp_path / "a.png"
     image.write_bytes(contract.encode_png(np.zeros((8, 8), np.uint8)))
-    with pytest.raises(dicom.UnusableFileError, match=f"^{re.escape(NO_SERIES_REASON)}$"):
+    with pytest.raises(UnusableFileError, match=f"^{re.escape(NO_SERIES_REASON)}$"):
         render(Candidate(image, "a.png", "P1", 0, ""), SLICE_VIEW)
 
 

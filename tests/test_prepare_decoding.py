@@ -35,6 +35,7 @@ from pydicom.uid import (
 from lungct import contract
 from lungct.prepare import dicom, render
 from lungct.prepare.candidates import Candidate
+from lungct.prepare.dicom_files import UnusableFileError
 
 HTJ2K_LOSSLESS = "1.2.840.10008.1.2.4.201"
 PADDING = -2000  # stored; outside the synthetic scanner's circular field of view
@@ -99,7 +100,7 @@ def test_real_lossless_slices_give_pydicoms_hu(tmp_path, name):
 def test_bad_sequence_jpeg_lossless_sv1_is_decoded(tmp_path):
     """A real JPEG Lossless SV1 CT slice (12 bits, unsigned) decodes to plausible HU; as
     bundled, with hashes for UIDs, it is refused as a sample."""
-    with pytest.raises(dicom.UnusableFileError, match=r"^invalid \(0020,000E\) Series Instance "
+    with pytest.raises(UnusableFileError, match=r"^invalid \(0020,000E\) Series Instance "
                                                       r"UID \(PS3\.5 9\.1: digits and dots"):
         dicom.read_header(Path(get_testdata_file(HASH_UID_FILE, download=False)))
     path = real(HASH_UID_FILE, tmp_path)
@@ -140,7 +141,7 @@ def test_real_jpeg_ls_and_rle_equal_uncompressed(tmp_path, compressed, uncompres
 
 
 def test_enhanced_ct_is_skipped_with_its_reason(tmp_path):
-    with pytest.raises(dicom.UnusableFileError, match=(
+    with pytest.raises(UnusableFileError, match=(
             r"^enhanced \(multi-frame\) CT is not supported \(\(0008,0016\) SOP Class UID\)$")):
         dicom.read_header(real("eCT_Supplemental.dcm", tmp_path))
 
@@ -229,7 +230,7 @@ def test_undecodable_codestream_names_the_syntax(tmp_path, plain):
     frame[-200:-2] = b"\xff" * 198  # scan data destroyed; SOF intact
     ds.PixelData = pydicom.encaps.encapsulate([bytes(frame)])
     ds.save_as(path)
-    with pytest.raises(dicom.UnusableFileError, match=(
+    with pytest.raises(UnusableFileError, match=(
             r"^JPEG-LS Lossless Image Compression \(1\.2\.840\.10008\.1\.2\.4\.80\) pixel data "
             r"could not be decoded \(\w+\)$")):
         render.read_hu(path)

@@ -12,7 +12,8 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from lungct.prepare import decoders, dicom, render
+from lungct.prepare import decoders, dicom, dicom_files, render
+from lungct.prepare.dicom_files import UnusableFileError
 from lungct.prepare.series import assemble_series
 
 
@@ -90,7 +91,7 @@ def test_read_header_of_pydicom_ct_small():
 )
 def test_read_header_refuses_non_ct(name, reason):
     """Other modalities are skipped with a pinned reason."""
-    with pytest.raises(dicom.UnusableFileError, match=reason):
+    with pytest.raises(UnusableFileError, match=reason):
         dicom.read_header(Path(get_testdata_file(name, download=False)))
 
 
@@ -98,7 +99,7 @@ def test_read_header_not_dicom(tmp_path):
     """A text file is 'not DICOM'."""
     path = tmp_path / "notes.txt"
     path.write_text("hello")
-    with pytest.raises(dicom.UnusableFileError, match="^not DICOM$"):
+    with pytest.raises(UnusableFileError, match="^not DICOM$"):
         dicom.read_header(path)
 
 
@@ -107,7 +108,7 @@ def test_read_header_truncated(tmp_path):
     source = Path(get_testdata_file("CT_small.dcm", download=False))
     path = tmp_path / "cut.dcm"
     path.write_bytes(source.read_bytes()[:-5000])
-    with pytest.raises(dicom.UnusableFileError, match="truncated pixel data"):
+    with pytest.raises(UnusableFileError, match="truncated pixel data"):
         dicom.read_header(path)
 
 
@@ -119,14 +120,14 @@ def test_read_header_no_pixel_data(ct_slice):
     ds = pydicom.dcmread(path)
     del ds.PixelData
     ds.save_as(path)
-    with pytest.raises(dicom.UnusableFileError, match=r"no pixel data \(7FE0,0010\)"):
+    with pytest.raises(UnusableFileError, match=r"no pixel data \(7FE0,0010\)"):
         dicom.read_header(path)
 
 
 def test_read_header_localizer(ct_slice):
     """Scout images are skipped."""
     path = ct_slice("loc.dcm", np.zeros((2, 2)), image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"))
-    with pytest.raises(dicom.UnusableFileError, match="localizer"):
+    with pytest.raises(UnusableFileError, match="localizer"):
         dicom.read_header(path)
 
 
@@ -171,12 +172,12 @@ def test_compressed_without_decoder_is_skipped(tmp_path, monkeypatch):
         is_available = False
 
     monkeypatch.setattr(decoders, "get_decoder", lambda uid: NoDecoder())
-    with pytest.raises(dicom.UnusableFileError, match="compressed transfer syntax JPEG 2000 Image "
+    with pytest.raises(UnusableFileError, match="compressed transfer syntax JPEG 2000 Image "
                                               "Compression \\(Lossless Only\\) "
                                               "\\(1\\.2\\.840\\.10008\\.1\\.2\\.4\\.90\\) "
                                               "with no installed decoder$"):
         dicom.read_header(path)
-    with pytest.raises(dicom.UnusableFileError, match=r"\(1\.2\.840\.10008\.1\.2\.4\.90\) with"):
+    with pytest.raises(UnusableFileError, match=r"\(1\.2\.840\.10008\.1\.2\.4\.90\) with"):
         render.read_hu(path)
 
 
@@ -190,7 +191,7 @@ def test_syntax_without_any_pydicom_decoder_is_skipped(tmp_path):
     ds.file_meta.TransferSyntaxUID = pydicom.uid.MPEG2MPML
     ds.PixelData = pydicom.encaps.encapsulate([b"\0" * 16])
     ds.save_as(path)
-    with pytest.raises(dicom.UnusableFileError, match=(
+    with pytest.raises(UnusableFileError, match=(
             r"^compressed transfer syntax MPEG2 Main Profile / Main Level "
             r"\(1\.2\.840\.10008\.1\.2\.4\.100\) with no installed decoder$")):
         dicom.read_header(path)
@@ -265,7 +266,7 @@ def test_deflated_file_with_a_long_meta_is_read(ct_slice):
 def test_header_rules_name_tag_value_and_allowed_range(ct_slice):
     """A bad number is refused by indexing with its tag, name, value and the allowed range."""
     path = ct_slice("t.dcm", np.zeros((2, 2)), slope=5000.0)
-    with pytest.raises(dicom.UnusableFileError, match=(
+    with pytest.raises(UnusableFileError, match=(
             r"^invalid \(0028,1053\) Rescale Slope: 5000(\.0)?; allowed: 0\.001 <= \|slope\| "
             r"<= 1000$")):
         dicom.read_header(path)
@@ -280,10 +281,10 @@ def test_no_finding_patch_without_lung_is_skipped(ct_slice):
     settings = render.RenderSettings(16, -600.0, 1500.0, "patch", 10.0)
     candidate = Candidate(path, path.name, "P", 0, "", series_uid="1.2", slice_z_mm=0.0,
                           pixel_spacing_mm=0.7)
-    with pytest.raises(dicom.UnusableFileError,
+    with pytest.raises(UnusableFileError,
                        match="^no lung tissue for a no_finding patch centre$"):
         render.render(candidate, settings)
-    with pytest.raises(dicom.UnusableFileError, match="^no lung tissue"):
+    with pytest.raises(UnusableFileError, match="^no lung tissue"):
         render.lung_tissue_centre(np.full((32, 32), -1000.0), 8, "seed")  # air only
     centred = Candidate(path, path.name, "P", 0, "", series_uid="1.2", slice_z_mm=0.0,
                         pixel_spacing_mm=0.7, centre_xy_px=(16.0, 16.0))
@@ -296,7 +297,7 @@ def test_non_axial_slice_is_skipped_with_its_tilt(ct_slice):
     ds = pydicom.dcmread(path)
     ds.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]
     ds.save_as(path)
-    with pytest.raises(dicom.UnusableFileError, match=r"non-axial slice \(\(0020,0037\) Image "
+    with pytest.raises(UnusableFileError, match=r"non-axial slice \(\(0020,0037\) Image "
                        r"Orientation \(Patient\) normal 90.0 deg from the z axis; at most 5\)"):
         dicom.read_header(path)
     tilt = np.radians(3.0)
@@ -311,7 +312,7 @@ def test_burned_in_annotation_is_skipped(ct_slice):
     ds = pydicom.dcmread(path)
     ds.BurnedInAnnotation = "YES"
     ds.save_as(path)
-    with pytest.raises(dicom.UnusableFileError, match="burned-in annotation"):
+    with pytest.raises(UnusableFileError, match="burned-in annotation"):
         dicom.read_header(path)
 
 
@@ -353,8 +354,8 @@ def test_unparseable_file_meta_is_refused_not_passed_on(tmp_path, monkeypatch):
     def broken(_path):
         raise struct.error("unpack requires a buffer")
 
-    monkeypatch.setattr(dicom, "read_file_meta_info", broken)
-    with pytest.raises(dicom.UnusableFileError,
+    monkeypatch.setattr(dicom_files, "read_file_meta_info", broken)
+    with pytest.raises(UnusableFileError,
                        match=r"unreadable file meta information \(error\)"):
         dicom.read_header(path)
 
@@ -372,7 +373,7 @@ def test_invalid_uid_is_skipped_with_its_tag(ct_slice, keyword, value):
     tag = {"SeriesInstanceUID": r"\(0020,000E\) Series Instance UID",
            "StudyInstanceUID": r"\(0020,000D\) Study Instance UID",
            "SOPInstanceUID": r"\(0008,0018\) SOP Instance UID"}[keyword]
-    with pytest.raises(dicom.UnusableFileError,
+    with pytest.raises(UnusableFileError,
                        match=rf"^invalid {tag} \(PS3.5 9.1: digits and dots, at most 64 "
                              r"characters\)$"):
         dicom.read_header(path)
@@ -392,6 +393,6 @@ def test_valid_uids_pass_and_only_series_uid_is_required(ct_slice):
     assert (header.series_uid, header.study_uid, header.sop_uid) == (long_uid, "1.2.3", "")
     del ds.SeriesInstanceUID
     ds.save_as(path)
-    with pytest.raises(dicom.UnusableFileError,
+    with pytest.raises(UnusableFileError,
                        match=r"^missing \(0020,000E\) Series Instance UID$"):
         dicom.read_header(path)

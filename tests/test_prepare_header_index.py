@@ -8,12 +8,15 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 from conftest import write_ct_slice
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, RLELossless
 
 from lungct import contract
 from lungct.prepare import dicom, header_index
 from lungct.prepare.cli import main
+from lungct.prepare.dicom_files import UnusableFileError
 from lungct.prepare.executors import LocalExecutor
 from lungct.prepare.header_index import INDEX_NAME, index_path, read_headers
 
@@ -67,6 +70,38 @@ def test_second_read_opens_no_file_and_gives_equal_headers_and_reasons(tree, tmp
     assert second[0].orientation == (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
     assert second[2] == "not a CT image ((0008,0060) Modality MR)"
     assert second[3] == "not DICOM"
+
+
+def test_index_rows_hold_what_decides_decoding(tmp_path):
+    """Transfer syntax, SOP class, image type, bits, signedness, rescale, padding and the
+    pixel data's file offset are columns of the index, for native and compressed files."""
+    root = tmp_path / "input"
+    native = write_ct_slice(root / "native.dcm", HU, 0.0, slope=0.5, intercept=-1000.0,
+                            padding_value=-3000)
+    rle = write_ct_slice(root / "rle.dcm", HU, 2.5, instance_number=2)
+    ds = pydicom.dcmread(rle)
+    ds.compress(RLELossless)
+    ds.save_as(rle)
+    index = index_path(tmp_path)
+    _read(root, [native, rle], index)
+    rows = {Path(os.fsdecode(row["path"])).name: row
+            for row in pq.read_table(index).to_pylist()}
+    assert rows["native.dcm"]["transfer_syntax_uid"] == ExplicitVRLittleEndian
+    assert rows["rle.dcm"]["transfer_syntax_uid"] == RLELossless
+    for row in rows.values():
+        assert (row["sop_class_uid"], row["modality"]) == (CTImageStorage, "CT")
+        assert row["image_type"] == "ORIGINAL\\PRIMARY\\AXIAL"
+        assert (row["bits_allocated"], row["bits_stored"], row["signed"]) == (16, 16, True)
+        assert (row["number_of_frames"], row["burned_in_annotation"]) == (1, "")
+    native_row = rows["native.dcm"]
+    assert (native_row["rescale_slope"], native_row["rescale_intercept_hu"]) == (0.5, -1000.0)
+    assert (native_row["padding_low"], native_row["padding_high"]) == (-3000, -3000)
+    assert rows["rle.dcm"]["padding_low"] is None
+    offset = native_row["pixel_data_offset_bytes"]
+    pixel_bytes = pydicom.dcmread(native).PixelData
+    assert native.read_bytes()[offset:offset + len(pixel_bytes)] == pixel_bytes
+    rle_offset = rows["rle.dcm"]["pixel_data_offset_bytes"]
+    assert rle.read_bytes()[rle_offset:rle_offset + 4] == b"\xfe\xff\x00\xe0"  # first Item tag
 
 
 def test_changed_file_is_read_again(tree, tmp_path, count_reads):
@@ -147,7 +182,7 @@ def test_transient_read_errors_are_not_remembered(tree, tmp_path, monkeypatch):
     root, files = tree
 
     def refused(path: Path) -> dicom.SliceHeader:
-        raise dicom.UnusableFileError("unreadable DICOM (PermissionError)")
+        raise UnusableFileError("unreadable DICOM (PermissionError)")
 
     monkeypatch.setattr(dicom, "read_header", refused)
     index = index_path(tmp_path)

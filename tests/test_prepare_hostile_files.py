@@ -59,6 +59,7 @@ import prepare_lung_dataset
 from lungct.prepare import dicom, nodules, render
 from lungct.prepare.candidates import IMAGE_SUFFIXES, Candidate, lidc_candidates
 from lungct.prepare.dicom import SliceHeader
+from lungct.prepare.dicom_files import UnusableFileError
 from lungct.prepare.lidc import LabelRule
 from lungct.prepare.lidc_xml import LidcParseError, parse_readings
 from lungct.prepare.series import Series
@@ -642,7 +643,7 @@ def through_prepare(path: Path) -> str:
                               series_uid=header.series_uid, slice_z_mm=header.z_mm,
                               pixel_spacing_mm=header.pixel_spacing_mm)
         rendered = render.render(candidate, SETTINGS)
-    except dicom.UnusableFileError as error:
+    except UnusableFileError as error:
         return f"skipped: {error}"
     return f"ok: image {rendered.image.shape}, mean {float(rendered.image.mean()):.1f}"
 
@@ -665,7 +666,7 @@ def test_hostile_file_gets_its_pinned_reason(corpus, kind, name):
 
 def test_bad_number_is_refused_by_read_hu_too(corpus):
     """Decoding re-checks the numbers: a file changed after indexing is still refused."""
-    with pytest.raises(dicom.UnusableFileError, match=r"^invalid \(0028,1053\) Rescale Slope"):
+    with pytest.raises(UnusableFileError, match=r"^invalid \(0028,1053\) Rescale Slope"):
         render.read_hu(corpus["slope_nan.dcm"])
 
 
@@ -850,7 +851,7 @@ def test_each_hostile_file_stays_under_600_mb(corpus):
 def refused_at_indexing(path: Path) -> bool:
     try:
         dicom.read_header(path)
-    except dicom.UnusableFileError:
+    except UnusableFileError:
         return True
     return False
 

@@ -24,7 +24,7 @@ from pydicom.uid import generate_uid
 
 from lungct import __version__
 from lungct.fileio import atomic_path
-from lungct.prepare.dicom import read_dataset
+from lungct.prepare.dicom_files import read_dataset
 
 __all__ = ["SERIES_DESCRIPTION", "SERIES_NUMBER", "write_secondary_capture"]
 

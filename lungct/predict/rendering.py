@@ -20,7 +20,7 @@ import numpy as np
 from lungct.predict.places import slice_candidates
 from lungct.prepare.candidates import Candidate
 from lungct.prepare.context import HuCache
-from lungct.prepare.dicom import UnusableFileError
+from lungct.prepare.dicom_files import UnusableFileError
 from lungct.prepare.render import RenderSettings, lung_field, read_hu, render
 from lungct.prepare.series import Series
 

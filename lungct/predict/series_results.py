@@ -27,7 +27,8 @@ from lungct.predict.places import SLIDING_WINDOW_NOTICE
 from lungct.predict.recipe import Recipe
 from lungct.predict.rendering import RenderedSeries, SeriesJob
 from lungct.prepare.candidates import Candidate
-from lungct.prepare.dicom import SliceHeader, UnusableFileError
+from lungct.prepare.dicom import SliceHeader
+from lungct.prepare.dicom_files import UnusableFileError
 from lungct.prepare.pseudonym import Pseudonymiser
 from lungct.prepare.render import render
 from lungct.prepare.series import Series

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lungct.prepare.dicom import UnusableFileError
+from lungct.prepare.dicom_files import UnusableFileError
 from lungct.prepare.series import Z_TOLERANCE_MM, SliceStack
 
 __all__ = ["HU_CACHE_SLICES", "HuCache", "HuReader", "context_hu", "context_reason"]

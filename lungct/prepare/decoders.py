@@ -4,7 +4,7 @@ Every transfer syntax pydicom can decode is read: RLE Lossless by the bounded de
 JPEG (baseline, extended, lossless processes 14 and 14 SV1), JPEG-LS, JPEG 2000 and HTJ2K by
 pydicom's decoders and the plugins lungct depends on (``python-gdcm``, ``pyjpegls``,
 ``pylibjpeg`` + ``pylibjpeg-openjpeg``). Deflated Explicit VR Little Endian is not pixel
-compression: :func:`lungct.prepare.dicom.read_dataset` inflates it within a cap.
+compression: :func:`lungct.prepare.dicom_files.read_dataset` inflates it within a cap.
 
 Before a codec runs, three checks bound its work:
 
@@ -62,8 +62,8 @@ LOSSY_SYNTAXES = frozenset(f"1.2.840.10008.1.2.4.{n}" for n in (50, 51, 81, 91, 
 class DecodeRefusedError(Exception):
     """Pixel data this module will not or cannot decode; ``str(error)`` is the reason.
 
-    :func:`lungct.prepare.dicom.refuse_unreadable` turns it into UnusableFileError with the
-    same reason (this module imports nothing from lungct, so dicom.py can use it).
+    :func:`lungct.prepare.dicom_files.refuse_unreadable` turns it into UnusableFileError with
+    the same reason (this module imports nothing from lungct, so dicom.py can use it).
     """
 
 
@@ -113,25 +113,31 @@ def is_lossy(ds: pydicom.Dataset, syntax: UID) -> bool:
     return flag == "01" or (flag != "00" and syntax in LOSSY_SYNTAXES)
 
 
-def check_pixel_data(ds: pydicom.Dataset, path: Path, pixels: PixelFormat, syntax: UID) -> None:
+def check_pixel_data(ds: pydicom.Dataset, path: Path, pixels: PixelFormat,
+                     syntax: UID) -> int | None:
     """At indexing (pixel data deferred): refuse pixel data that is short, truncated, or in a
-    compressed transfer ``syntax`` no installed decoder reads."""
+    compressed transfer ``syntax`` no installed decoder reads.
+
+    Returns:
+        The file offset (bytes) of the (7FE0,0010) Pixel Data value; None for a deflated data
+        set, whose offsets count in the inflated stream.
+    """
+    raw = ds.get_item("PixelData", keep_deferred=True)
+    tell = None if syntax.is_deflated else getattr(raw, "value_tell", None)
     if syntax.is_compressed:
         if not decoder_available(syntax):
             raise DecodeRefusedError(f"compressed transfer syntax {syntax_label(syntax)} with "
                                     "no installed decoder")
-        return
-    raw = ds.get_item("PixelData", keep_deferred=True)
+        return tell
     length = getattr(raw, "length", None)
     length = len(raw.value or b"") if length is None else length
     if length < pixels.n_bytes:
         raise DecodeRefusedError(
             f"pixel data of {length} bytes, fewer than the {pixels.n_bytes} of (0028,0010) "
             "Rows x (0028,0011) Columns x (0028,0100) Bits Allocated / 8")
-    tell = getattr(raw, "value_tell", None)
-    if tell is not None and not syntax.is_deflated and (
-            tell + pixels.n_bytes > os.path.getsize(path)):
+    if tell is not None and tell + pixels.n_bytes > os.path.getsize(path):
         raise DecodeRefusedError("truncated pixel data")
+    return tell
 
 
 def codestream_info(frame: bytes) -> tuple[int, int, int, int] | None:

@@ -1,47 +1,47 @@
-"""Reading CT files: checked headers, header-only indexing, series assembly, window specs.
+"""Reading CT headers: every number checked, one :class:`SliceHeader` per usable slice.
 
-Attributes are named with tag and keyword as in PS3.3. Decoding pixels to Hounsfield units,
-windowing and resizing are :mod:`lungct.prepare.render`'s job, on numbers checked here.
+Attributes are named with tag and keyword as in PS3.3. Opening a file within its caps is
+:mod:`lungct.prepare.dicom_files`' job; decoding pixels to Hounsfield units, windowing and
+resizing are :mod:`lungct.prepare.render`'s, on numbers checked here.
 
 Every file is untrusted input. Each number read from a header is checked for type,
 finiteness and range (:data:`HEADER_RULES`) before it is used, and the work one file can
-cause is bounded before anything is decoded: its size and the size a deflated data set
-inflates to (:data:`MAX_FILE_BYTES`), and the decoded size the header implies
+cause is bounded before anything is decoded: the file-level caps of
+:func:`~lungct.prepare.dicom_files.read_dataset`, and the decoded size the header implies
 (:data:`MAX_SLICE_BYTES`) against the bytes present. A failed check raises
-:class:`UnusableFileError`, whose text (attribute, value, what is allowed) goes to skipped.csv.
+:class:`~lungct.prepare.dicom_files.UnusableFileError`, whose text (attribute, value, what is
+allowed) goes to skipped.csv.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
-import os
 import re
-import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 import numpy as np
 import pydicom
 from pydicom.datadict import dictionary_description, tag_for_keyword
-from pydicom.errors import InvalidDicomError
-from pydicom.filereader import read_file_meta_info
 from pydicom.multival import MultiValue
-from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
-from lungct.prepare.decoders import DecodeRefusedError, PixelFormat, check_pixel_data, is_lossy
+from lungct.prepare.decoders import PixelFormat, check_pixel_data, is_lossy
+from lungct.prepare.dicom_files import (
+    UnusableFileError,
+    read_dataset,
+    refuse_unreadable,
+    transfer_syntax,
+)
 
 __all__ = [
     "AIR_HU", "LUNG_WINDOW", "CT_IMAGE_STORAGE", "MAX_ROWS", "MAX_COLUMNS", "MAX_FRAMES",
-    "ALLOWED_BITS_ALLOCATED", "MAX_SLICE_BYTES", "MAX_FILE_BYTES", "MIN_PIXEL_SPACING_MM",
+    "ALLOWED_BITS_ALLOCATED", "MAX_SLICE_BYTES", "MIN_PIXEL_SPACING_MM",
     "MAX_PIXEL_SPACING_MM", "MAX_ABS_POSITION_MM", "MIN_SLICE_THICKNESS_MM",
     "MAX_SLICE_THICKNESS_MM", "MIN_ABS_RESCALE_SLOPE", "MAX_ABS_RESCALE_SLOPE",
     "MAX_ABS_RESCALE_INTERCEPT_HU", "MAX_TILT_DEG", "HEADER_RULES", "SliceHeader",
-    "UnusableFileError", "refuse_unreadable", "read_dataset", "transfer_syntax", "pixel_format",
-    "read_header", "parse_window",
+    "pixel_format", "read_header", "parse_window",
 ]
 
 LOG = logging.getLogger(__name__)
@@ -59,7 +59,6 @@ MAX_COLUMNS = 4096  # px, (0028,0011) Columns
 MAX_FRAMES = 1  # (0028,0008) Number of Frames: a CT slice is one frame; multi-frame is refused
 ALLOWED_BITS_ALLOCATED = (8, 16, 32)  # bits, (0028,0100) Bits Allocated (CT writes 16)
 MAX_SLICE_BYTES = MAX_ROWS * MAX_COLUMNS * 2  # bytes decoded: one 4096 x 4096 16-bit slice
-MAX_FILE_BYTES = 2 * MAX_SLICE_BYTES  # bytes of a file, and of a deflated data set inflated
 MIN_PIXEL_SPACING_MM, MAX_PIXEL_SPACING_MM = 0.01, 10.0  # mm per pixel (CT: 0.2-1 mm)
 MAX_ABS_POSITION_MM = 10_000.0  # mm, each of (0020,0032): 5 x the longest table travel (2 m)
 MIN_SLICE_THICKNESS_MM, MAX_SLICE_THICKNESS_MM = 0.01, 100.0  # mm (CT: 0.5-10 mm)
@@ -69,8 +68,6 @@ MIN_ABS_RESCALE_SLOPE, MAX_ABS_RESCALE_SLOPE = 1e-3, 1e3
 MAX_ABS_RESCALE_INTERCEPT_HU = 1e5  # HU (CT writes -1024, -1000 or 0)
 
 _DEFER_BYTES = 1024
-_SNIFF_BYTES = 4096
-_INFLATE_CHUNK_BYTES = 1 << 20
 MAX_TILT_DEG = 5.0  # slice normal vs the patient z axis: beyond it a reformat or tilted gantry
 _SHOWN_CHARS = 40
 _TEXT_CHARS = 64  # (0008,0070) Manufacturer and (0018,1210) Convolution Kernel are LO/SH
@@ -78,8 +75,6 @@ _UNREADABLE = object()  # stands for a value pydicom cannot convert
 #: PS3.5 9.1 UIDs (leading zeros tolerated); they name output files, so nothing else passes.
 _UID = re.compile(r"[0-9]+(?:\.[0-9]+)*")
 _UID_CHARS = 64
-# (0002,0010) Transfer Syntax UID = Deflated Explicit VR Little Endian, as the meta holds it.
-_DEFLATED_ELEMENT = b"\x02\x00\x10\x00UI\x16\x00" + DeflatedExplicitVRLittleEndian.encode()
 
 
 def _integer(low: float, high: float) -> Callable[[float], bool]:
@@ -130,32 +125,6 @@ HEADER_TAGS = ("Modality", "SOPClassUID", "ImageType", "SeriesInstanceUID", "Stu
                *_PIXEL_KEYWORDS, *_GEOMETRY_KEYWORDS)
 
 
-class UnusableFileError(Exception):
-    """A file that is not a usable CT slice; ``str(error)`` is the reason for skipped.csv."""
-
-
-_R = TypeVar("_R")
-
-
-def refuse_unreadable(function: Callable[..., _R]) -> Callable[..., _R]:
-    """Decorator: DecodeRefusedError becomes UnusableFileError with its reason, any other
-    error UnusableFileError naming its type (pydicom converts values lazily and raises many
-    types on corrupt input)."""
-
-    @functools.wraps(function)
-    def wrapper(*args: object, **kwargs: object) -> _R:
-        try:
-            return function(*args, **kwargs)
-        except UnusableFileError:
-            raise
-        except DecodeRefusedError as error:  # lungct.prepare.decoders' reason
-            raise UnusableFileError(str(error)) from None
-        except Exception as error:
-            raise UnusableFileError(f"unreadable DICOM ({type(error).__name__})") from None
-
-    return wrapper
-
-
 @dataclass(frozen=True)
 class SliceHeader:
     """What the header of one CT slice says (no pixel data read)."""
@@ -181,6 +150,24 @@ class SliceHeader:
     #: (0028,0030) Pixel Spacing: between rows (first value) and between columns (second), mm.
     row_spacing_mm: float = 0.0
     column_spacing_mm: float = 0.0
+    # What decides decoding; the defaults are those of absent attributes (PixelFormat).
+    transfer_syntax_uid: str = "1.2.840.10008.1.2"  # (0002,0010); Implicit VR LE if absent
+    sop_class_uid: str = ""  # (0008,0016)
+    modality: str = "CT"  # (0008,0060)
+    image_type: str = ""  # (0008,0008), values joined by "\\"
+    number_of_frames: int = 1  # (0028,0008)
+    bits_allocated: int = 16  # (0028,0100)
+    bits_stored: int = 16  # (0028,0101)
+    signed: bool = False  # (0028,0103) Pixel Representation 1
+    rescale_slope: float = 1.0  # (0028,1053)
+    rescale_intercept_hu: float = 0.0  # (0028,1052)
+    #: (0028,0120) Pixel Padding Value and (0028,0121) Range Limit: lowest and highest
+    #: padding stored value, None without padding.
+    padding_low: int | None = None
+    padding_high: int | None = None
+    #: file offset of the (7FE0,0010) Pixel Data value, bytes (None in a deflated data set)
+    pixel_data_offset_bytes: int | None = None
+    burned_in_annotation: str = ""  # (0028,0301): "NO" or absent ("YES" is refused)
 
     def patient_xy_mm(self, row_px: float, column_px: float) -> tuple[float, float]:
         """Patient x, y (mm) of a pixel position (row, column; 0 = first pixel's centre).
@@ -270,75 +257,6 @@ def pixel_format(ds: pydicom.Dataset) -> PixelFormat:
                        padding, n_bytes)
 
 
-def transfer_syntax(ds: pydicom.Dataset) -> UID:
-    """(0002,0010) Transfer Syntax UID; Implicit VR Little Endian when the meta lacks it."""
-    syntax = UID(ds.file_meta.get("TransferSyntaxUID", "1.2.840.10008.1.2"))
-    if not syntax.is_transfer_syntax:
-        raise UnusableFileError(f"unknown (0002,0010) Transfer Syntax UID {syntax[:64]!r}")
-    return syntax
-
-
-def _check_deflated(path: Path) -> None:
-    """Refuse a deflated data set that would inflate beyond :data:`MAX_FILE_BYTES`.
-
-    pydicom inflates a whole Deflated Explicit VR Little Endian data set on reading, even for
-    a header; the file meta (group 0002, never deflated) names the syntax, and a zlib stream
-    inflated 1 MiB at a time measures the inflated size first.
-    """
-    with open(path, "rb") as handle:
-        head = handle.read(_SNIFF_BYTES)
-    if head[128:132] != b"DICM":
-        return  # pydicom refuses it: not DICOM
-    # (0002,0000) File Meta Information Group Length (UL): the meta ends 144 + value bytes in.
-    meta_end = (144 + int.from_bytes(head[140:144], "little")
-                if head[132:138] == b"\x02\x00\x00\x00UL" else None)
-    if meta_end is not None and meta_end <= len(head):
-        deflated = _DEFLATED_ELEMENT in head[132:meta_end]
-    else:  # an unusual or long meta: pydicom parses group 0002 alone
-        try:
-            syntax = read_file_meta_info(path).get("TransferSyntaxUID")
-        except Exception as error:  # noqa: BLE001 - pydicom raises many types on bad meta
-            # Refused here rather than left to dcmread: a meta that cannot be parsed alone
-            # could hide a deflated data set, which dcmread would inflate without bound.
-            raise UnusableFileError(f"unreadable file meta information "
-                                    f"({type(error).__name__})") from None
-        deflated = syntax == DeflatedExplicitVRLittleEndian
-    if not deflated:
-        return
-    name = DeflatedExplicitVRLittleEndian.name
-    if meta_end is None:
-        raise UnusableFileError(f"{name} without (0002,0000) File Meta Information Group Length")
-    inflater, inflated = zlib.decompressobj(-zlib.MAX_WBITS), 0
-    with open(path, "rb") as handle:
-        handle.seek(meta_end)
-        while chunk := handle.read(_INFLATE_CHUNK_BYTES):
-            while chunk:
-                try:
-                    inflated += len(inflater.decompress(chunk, _INFLATE_CHUNK_BYTES))
-                except zlib.error:
-                    raise UnusableFileError(f"{name} data set could not be inflated") from None
-                if inflated > MAX_FILE_BYTES:
-                    raise UnusableFileError(f"{name} data set inflates beyond {MAX_FILE_BYTES}")
-                chunk = inflater.unconsumed_tail
-
-
-def read_dataset(path: Path, **options: object) -> pydicom.Dataset:
-    """``pydicom.dcmread(path, **options)`` after the file-level caps; UnusableFileError when
-    the file exceeds (or inflates beyond) :data:`MAX_FILE_BYTES`, is not DICOM or unreadable."""
-    try:
-        size = os.path.getsize(path)
-        if size > MAX_FILE_BYTES:
-            raise UnusableFileError(f"file of {size} bytes exceeds {MAX_FILE_BYTES}")
-        _check_deflated(path)
-        return pydicom.dcmread(path, **options)
-    except UnusableFileError:
-        raise
-    except InvalidDicomError:
-        raise UnusableFileError("not DICOM") from None
-    except Exception as error:  # pydicom raises many types on corrupt input
-        raise UnusableFileError(f"unreadable DICOM ({type(error).__name__})") from None
-
-
 def _reason_not_ct(ds: pydicom.Dataset) -> str | None:
     modality = str(ds.get("Modality", "")).upper()
     sop_class = str(ds.get("SOPClassUID", ""))
@@ -377,11 +295,13 @@ def read_header(path: Path) -> SliceHeader:
     if not series_uid:
         raise UnusableFileError(f"missing {_label('SeriesInstanceUID')}")
     syntax = transfer_syntax(ds)
-    check_pixel_data(ds, path, pixels, syntax)
+    pixel_data_offset = check_pixel_data(ds, path, pixels, syntax)
     _check_axial(geometry["ImageOrientationPatient"])
-    if str(ds.get("BurnedInAnnotation", "")).strip().upper() == "YES":
+    burned_in = _text(ds, "BurnedInAnnotation").upper()
+    if burned_in == "YES":
         raise UnusableFileError("burned-in annotation ((0028,0301) Burned In Annotation YES)")
     thickness, instance = geometry["SliceThickness"], geometry["InstanceNumber"]
+    padding_low, padding_high = pixels.padding or (None, None)
     return SliceHeader(
         path=path, patient_id=str(ds.get("PatientID", "")).strip(),
         study_uid=study_uid, series_uid=series_uid, sop_uid=sop_uid, rows=pixels.rows,
@@ -392,7 +312,14 @@ def read_header(path: Path) -> SliceHeader:
         manufacturer=_text(ds, "Manufacturer"), convolution_kernel=_text(ds, "ConvolutionKernel"),
         position_mm=tuple(geometry["ImagePositionPatient"][:3]),
         orientation=tuple(geometry["ImageOrientationPatient"] or (1.0, 0, 0, 0, 1.0, 0)),
-        row_spacing_mm=geometry["PixelSpacing"][0], column_spacing_mm=geometry["PixelSpacing"][1])
+        row_spacing_mm=geometry["PixelSpacing"][0], column_spacing_mm=geometry["PixelSpacing"][1],
+        transfer_syntax_uid=str(syntax), sop_class_uid=_uid(ds, "SOPClassUID"),
+        modality=_text(ds, "Modality"), image_type=_text(ds, "ImageType", "\\"),
+        number_of_frames=int(ds.get("NumberOfFrames") or 1),  # checked by pixel_format
+        bits_allocated=pixels.bits_allocated, bits_stored=pixels.bits_stored,
+        signed=pixels.signed, rescale_slope=pixels.slope, rescale_intercept_hu=pixels.intercept,
+        padding_low=padding_low, padding_high=padding_high,
+        pixel_data_offset_bytes=pixel_data_offset, burned_in_annotation=burned_in)
 
 
 def _uid(ds: pydicom.Dataset, keyword: str) -> str:
@@ -404,14 +331,14 @@ def _uid(ds: pydicom.Dataset, keyword: str) -> str:
     return value
 
 
-def _text(ds: pydicom.Dataset, keyword: str) -> str:
-    """A short text attribute, multi-valued joined by "/", cut to 64 characters."""
+def _text(ds: pydicom.Dataset, keyword: str, separator: str = "/") -> str:
+    """A short text attribute, multi-valued joined by ``separator``, cut to 64 characters."""
     try:
         value = ds.get(keyword, "")
     except Exception:  # noqa: BLE001 - an unreadable free-text value is simply unknown
         return ""
     parts = value if isinstance(value, (list, MultiValue)) else [value]
-    return "/".join(str(part).strip() for part in parts)[:_TEXT_CHARS]
+    return separator.join(str(part).strip() for part in parts)[:_TEXT_CHARS]
 
 
 def _check_axial(orientation: tuple[float, ...] | None) -> None:

@@ -11,10 +11,13 @@ second prepare of the same tree reads no header again. Size, ``mtime_ns`` and in
 not enough: ``cp -p``, ``rsync -t`` or an archive extraction can rewrite a file with the same
 size and mtime into a reused inode, but never without a new ``ctime_ns`` (set by the kernel on
 every write, not settable by ``os.utime``), and a copy on another file system has another
-device. Rows are also
-dropped when the rules that made them change (the code of ``dicom.py``/``decoders.py``, the
-pydicom version, the columns: :func:`rules_digest`), and transient read errors are never
-remembered.
+device. Rows are also dropped when the rules that made them change (the code of ``dicom.py``,
+``dicom_files.py`` and ``decoders.py``, the pydicom version, the columns:
+:func:`rules_digest`), and transient read errors are never remembered.
+
+Beside identity and geometry, a row holds what decides decoding (transfer syntax, bits
+allocated and stored, signedness, rescale, padding, the pixel data's file offset), so a
+cluster can plan or audit a tree from the index alone.
 
 The index holds original identifiers (PatientID, UIDs, paths): it is a private cache beside
 the work folder's sources, written under prepare's lock of that folder, atomically; it is never
@@ -39,7 +42,7 @@ from typing import Any
 import pydicom
 
 from lungct.fileio import atomic_path
-from lungct.prepare import decoders, dicom
+from lungct.prepare import decoders, dicom, dicom_files
 from lungct.prepare.executors import Executor
 
 __all__ = ["INDEX_NAME", "MAX_FILES_PER_TASK", "STAT_COLUMNS", "header_or_reason", "index_path",
@@ -49,7 +52,7 @@ __all__ = ["INDEX_NAME", "MAX_FILES_PER_TASK", "STAT_COLUMNS", "header_or_reason
 LOG = logging.getLogger(__name__)
 
 INDEX_NAME = ".lungct-header-index.parquet"
-INDEX_FORMAT = "2"  # 2: ctime_ns and device joined the stat key
+INDEX_FORMAT = "3"  # 2: ctime_ns and device joined the stat key; 3: decoding fields
 #: Files per indexing task: enough to make a task's overhead small (about 1 ms on Dask), few
 #: enough that every worker gets several tasks.
 MAX_FILES_PER_TASK = 256
@@ -101,7 +104,7 @@ def _schema(pa: Any) -> Any:
 def rules_digest() -> str:
     """SHA-256 of what decides a row: the header code, pydicom's version and the columns."""
     digest = hashlib.sha256(f"{INDEX_FORMAT}\0{pydicom.__version__}\0".encode())
-    for module in (dicom, decoders):
+    for module in (dicom, dicom_files, decoders):
         digest.update(Path(module.__file__).read_bytes())
     digest.update(repr(_header_fields()).encode())
     return digest.hexdigest()
@@ -111,7 +114,7 @@ def header_or_reason(path: Path) -> HeaderOrReason:
     """The checked header of one file, or the reason it is not a usable CT slice."""
     try:
         return dicom.read_header(path)
-    except dicom.UnusableFileError as skip:
+    except dicom_files.UnusableFileError as skip:
         return str(skip)
 
 

@@ -31,13 +31,10 @@ from lungct.prepare.decoders import (
     is_lossy,
     syntax_label,
 )
-from lungct.prepare.dicom import (
-    AIR_HU,
-    MAX_COLUMNS,
+from lungct.prepare.dicom import AIR_HU, MAX_COLUMNS, MAX_ROWS, pixel_format
+from lungct.prepare.dicom_files import (
     MAX_FILE_BYTES,
-    MAX_ROWS,
     UnusableFileError,
-    pixel_format,
     read_dataset,
     refuse_unreadable,
     transfer_syntax,

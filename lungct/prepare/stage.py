@@ -21,7 +21,7 @@ from lungct.faults import kill_point
 from lungct.fileio import atomic_write_bytes, fresh_staging, swap_into_place
 from lungct.fingerprint import fingerprint
 from lungct.locking import output_lock
-from lungct.prepare import dicom, sources
+from lungct.prepare import dicom, dicom_files, sources
 from lungct.prepare.archives import MARKER_SUFFIX
 from lungct.prepare.candidates import Candidate, relative_display_path
 from lungct.prepare.config import PrepareConfig
@@ -88,7 +88,7 @@ def _render_and_write(split: str, candidate: Candidate, settings: RenderSettings
     """The manifest row of one sample, its image (and mask) written; else the skip reason."""
     try:
         rendered = render(candidate, settings, cache)
-    except dicom.UnusableFileError as skip:
+    except dicom_files.UnusableFileError as skip:
         return str(skip)
     class_name = contract.CLASS_NAMES[candidate.label]
     image_rel = f"{class_name}/{candidate.key}.png"
