@@ -1,5 +1,6 @@
 """Tests for lungct.train.distribute on 2 CPU devices, for the JAX backend, and for the
-multi-process settings (the 2-process run itself: tests/test_train_multiprocess.py).
+multi-process settings of lungct.train.job (the 2-process runs themselves:
+tests/test_train_multiprocess.py).
 
 Keras picks its backend at import and XLA its device count at start-up, so the JAX checks
 (data-parallel, the compiled training step, augmentation, gradients) share one fresh Python
@@ -23,15 +24,8 @@ import pytest
 from lungct.errors import UserError
 from lungct.train import batches
 from lungct.train.batches import ArrayBatches
-from lungct.train.distribute import (
-    MULTI_PROCESS_VARIABLES,
-    FiniteLossCheck,
-    data_shard,
-    distribution_scope,
-    is_primary,
-    join_processes,
-    process_count,
-)
+from lungct.train.distribute import FiniteLossCheck, data_shard, distribution_scope
+from lungct.train.job import MULTI_PROCESS_VARIABLES, is_primary, join_processes, process_count
 
 REPO = Path(__file__).resolve().parents[1]
 

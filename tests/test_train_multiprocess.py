@@ -3,7 +3,8 @@ against one process training the same global batches.
 
 The three training runs are real ``training_lung_cnn.py`` processes; the module fixture
 starts them once (about a minute on 2 cores), so the file is marked slow and runs in
-``make test-distributed`` (called by CI).
+``make test-distributed`` (called by CI). The failure paths (a process that fails or is killed)
+end the job within seconds, with one sentence where lungct can say it.
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import keras
@@ -151,7 +154,8 @@ import json
 import keras
 import numpy as np
 from lungct.train.batches import predict_batches
-from lungct.train.distribute import distribution_scope, join_processes
+from lungct.train.distribute import distribution_scope
+from lungct.train.job import join_processes
 
 def build():
     keras.utils.set_random_seed(0)
@@ -184,3 +188,87 @@ def test_predictions_under_the_job_are_gathered_on_every_process(tmp_path: Path)
         result = json.loads(stdout.strip().splitlines()[-1])
         assert result["shape"] == [13, 1]
         assert result["difference"] < 1e-5
+
+
+# --- Failure paths: one process stops, the others end with one sentence, never hang. ---------
+
+def _errors(stderr: str) -> list[str]:
+    """The ERROR lines of a stage's stderr (JAX/XLA start-up lines are not lungct's)."""
+    return [line for line in stderr.splitlines() if line.startswith("ERROR ")]
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(runs: dict) -> Path:
+    return runs["dataset"]
+
+
+def test_process_zero_failing_before_the_cache_barrier_stops_the_worker(
+        tiny_dataset: Path, tmp_path: Path) -> None:
+    """Process 0 cannot write its output; the worker, waiting at the cache barrier, stops
+    with process 0's reason instead of waiting for ever, and both exit 2."""
+    out = tmp_path / "a_file"
+    out.write_text("not a folder")
+    finished = _run_all([(_train_command(tiny_dataset, out, "data-parallel"), env)
+                         for env in _job_environments()])
+    assert [code for code, _, _ in finished] == [2, 2], [e[-2000:] for _, _, e in finished]
+    reason = f"output folder {out} is not writable (File exists)."
+    assert _errors(finished[0][2]) == [f"ERROR {reason}"]
+    assert _errors(finished[1][2]) == [f"ERROR process 0 of the job stopped: {reason}"]
+    assert not any("Traceback" in stderr for _, _, stderr in finished)
+
+
+def test_a_failing_worker_stops_process_zero(tiny_dataset: Path, tmp_path: Path) -> None:
+    """The worker finds no dataset; process 0, waiting for it to agree on the first run,
+    stops with the worker's reason, and nothing is written."""
+    job, missing = tmp_path / "job", tmp_path / "missing_dataset"
+    commands = [(_train_command(tiny_dataset if index == 0 else missing, job, "data-parallel"),
+                 env) for index, env in enumerate(_job_environments())]
+    finished = _run_all(commands)
+    assert [code for code, _, _ in finished] == [2, 2], [e[-2000:] for _, _, e in finished]
+    (worker_error,) = _errors(finished[1][2])
+    assert str(missing) in worker_error
+    assert _errors(finished[0][2]) == [
+        f"ERROR process 1 of the job stopped: {worker_error.removeprefix('ERROR ')}"]
+    assert not (job / "training_results.json").exists()
+
+
+@pytest.mark.parametrize("killed", [1, 0])
+def test_a_process_killed_mid_training_ends_the_other(tiny_dataset: Path, tmp_path: Path,
+                                                      killed: int) -> None:
+    """``kill -9`` of one process after the first epoch's checkpoint: the other stops within
+    seconds. A killed worker leaves process 0 with one sentence (the broken all-reduce); a
+    killed process 0 takes JAX's coordination service with it, and JAX aborts the worker
+    (SIGABRT, its own "another task died" message)."""
+    job = tmp_path / "job"
+    command = [*_train_command(tiny_dataset, job, "data-parallel"), "--epochs", "500",
+               "--patience", "500"]
+    with contextlib.ExitStack() as stack:
+        errs = [stack.enter_context(tempfile.TemporaryFile("w+")) for _ in range(2)]
+        processes = [subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=err)
+                     for env, err in zip(_job_environments(), errs, strict=True)]
+        try:
+            checkpoint = job / "runs" / "baseline" / "checkpoint.npz"
+            deadline = time.monotonic() + PROCESS_TIMEOUT_S
+            while not checkpoint.exists() and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert checkpoint.exists(), "no epoch finished"
+            processes[killed].kill()
+            survivor = processes[1 - killed]
+            survivor.wait(timeout=60)  # TimeoutExpired here is the hang this test rules out
+        finally:
+            for process in processes:
+                if process.poll() is None:
+                    process.kill()
+                process.wait()
+        errs[1 - killed].seek(0)
+        stderr = errs[1 - killed].read()
+    if killed == 1:
+        assert survivor.returncode == 2, stderr[-2000:]
+        (error,) = _errors(stderr)
+        assert error.startswith("ERROR a collective operation across the job's processes "
+                                "failed (")
+        assert error.endswith("another process has stopped: its log says why.")
+        assert "Traceback" not in stderr
+    else:
+        assert survivor.returncode == -signal.SIGABRT, stderr[-2000:]
+        assert "another task died" in stderr

@@ -216,5 +216,10 @@ def main(argv: list[str] | None = None) -> int:
         run(config)
         return 0
 
-    return run_main(body)
+    code = run_main(body)
+    if code and args.distribute == "data-parallel":
+        from lungct.train.job import leave
+
+        return leave(code)  # a failed process of a multi-process job exits here
+    return code
 

@@ -2,16 +2,12 @@
 TensorFlow.
 
 ``--distribute data-parallel`` uses ``keras.distribution.DataParallel`` (JAX backend) over every
-device of the job. A job of several processes (machines) is described the way Keras documents
-it, by ``KERAS_DISTRIBUTION_JOB_ADDRESSES``, ``KERAS_DISTRIBUTION_NUM_PROCESSES`` and
-``KERAS_DISTRIBUTION_PROCESS_ID`` (``keras.distribution.initialize``), or by SLURM (more than
-one task: ``initialize()`` is called with no arguments and JAX reads SLURM's variables).
-:func:`join_processes` joins it before anything touches a device. Without tf.data, Keras does
-not shard the input (``auto_shard_dataset=False``): each process feeds its own contiguous
-slice of every global batch (:func:`data_shard`, lungct.train.batches), and predictions under
-the distribution are gathered from every process (:func:`predict_sharded`). Process 0 is the
-one that writes (lungct.train.stage); :func:`barrier` and :func:`agree_across_processes`
-keep the others in step with it. On CPU the cross-process collectives are JAX's gloo ones.
+device of the job; a job of several processes (machines) is joined and kept in step by
+:mod:`lungct.train.job`. Without tf.data, Keras does not shard the input
+(``auto_shard_dataset=False``): each process feeds its own contiguous slice of every global
+batch (:func:`data_shard`, lungct.train.batches), and predictions under the distribution are
+gathered from every process (:func:`predict_sharded`). On CPU the cross-process collectives
+are JAX's gloo ones.
 
 ``--distribute mirrored`` uses TensorFlow's ``tf.distribute.MirroredStrategy`` over the visible
 devices; it is best-effort because upstream Keras 3 reports NaN losses and failures with it on
@@ -22,10 +18,8 @@ run whose first losses are not finite.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import math
-import os
 from collections.abc import Iterator, Sequence
 
 import keras
@@ -33,174 +27,20 @@ import numpy as np
 
 from lungct import backend
 from lungct.errors import UserError
+from lungct.train.job import join_processes, process_count
 
 __all__ = [
     "DISTRIBUTE_MODES",
     "MIRRORED_NAN_HINT",
-    "MULTI_PROCESS_VARIABLES",
     "FiniteLossCheck",
-    "agree_across_processes",
-    "barrier",
     "data_shard",
     "distribution_scope",
-    "is_primary",
-    "join_processes",
     "predict_sharded",
-    "process_count",
 ]
 
 LOG = logging.getLogger(__name__)
 
 DISTRIBUTE_MODES = ("none", "data-parallel", "mirrored")
-
-#: Keras' variables for a multi-process job (``keras.distribution.initialize``): the
-#: coordinator's (process 0's) ``host:port`` first, the number of processes, this one's id.
-MULTI_PROCESS_VARIABLES = (
-    "KERAS_DISTRIBUTION_JOB_ADDRESSES",
-    "KERAS_DISTRIBUTION_NUM_PROCESSES",
-    "KERAS_DISTRIBUTION_PROCESS_ID",
-)
-#: SLURM's task count, the variable JAX's SLURM detection reads too.
-SLURM_TASKS_VARIABLE = "SLURM_NTASKS"
-
-_joined = {"multi_process": False}
-
-
-def _int_variable(name: str, minimum: int, maximum: int | None = None) -> int:
-    text = os.environ[name].strip()
-    try:
-        value = int(text)
-    except ValueError:
-        value = None
-    if value is None or value < minimum or (maximum is not None and value > maximum):
-        allowed = f">= {minimum}" if maximum is None else f"from {minimum} to {maximum}"
-        raise UserError(f"{name}={text!r} must be a whole number {allowed}.")
-    return value
-
-
-def _requested_processes() -> tuple[int, str]:
-    """The number of processes the environment asks for, and who asked (1: none asked)."""
-    present = [name for name in MULTI_PROCESS_VARIABLES if os.environ.get(name, "").strip()]
-    if present:
-        missing = [name for name in MULTI_PROCESS_VARIABLES if name not in present]
-        if missing:
-            raise UserError(
-                f"{', '.join(present)} is set but {', '.join(missing)} is not; a multi-process "
-                f"job needs all of {', '.join(MULTI_PROCESS_VARIABLES)}."
-            )
-        count = _int_variable(MULTI_PROCESS_VARIABLES[1], 1)
-        _int_variable(MULTI_PROCESS_VARIABLES[2], 0, count - 1)
-        addresses = [a for a in os.environ[MULTI_PROCESS_VARIABLES[0]].split(",") if a.strip()]
-        if len(addresses) > 1 and len(addresses) != count:
-            raise UserError(
-                f"{MULTI_PROCESS_VARIABLES[0]} lists {len(addresses)} addresses but "
-                f"{MULTI_PROCESS_VARIABLES[1]} is {count}; list process 0's host:port alone "
-                "or one address per process."
-            )
-        return count, "KERAS_DISTRIBUTION_* variables"
-    if os.environ.get("SLURM_JOB_ID") and os.environ.get(SLURM_TASKS_VARIABLE, "").strip():
-        return _int_variable(SLURM_TASKS_VARIABLE, 1), "SLURM"
-    return 1, ""
-
-
-def join_processes(mode: str) -> None:
-    """Join the multi-process job the environment describes, once, before any device is used.
-
-    Only ``--distribute data-parallel`` joins a job. With the ``KERAS_DISTRIBUTION_*``
-    variables (all three), or under SLURM with more than one task, this calls
-    ``keras.distribution.initialize()`` with no arguments: Keras reads its variables and
-    ``jax.distributed.initialize`` detects SLURM itself. One process asked for: nothing to join.
-
-    Raises:
-        UserError: incomplete or invalid variables, another backend than JAX, or the
-            coordinator could not be reached.
-    """
-    if mode != "data-parallel" or _joined["multi_process"]:
-        return
-    count, source = _requested_processes()
-    if count == 1:
-        return
-    if backend.backend_name() != "jax":
-        raise UserError(
-            f"{source} ask for {count} processes, but multi-process training needs the JAX "
-            "backend (run with KERAS_BACKEND=jax)."
-        )
-    import jax
-
-    try:
-        keras.distribution.initialize()
-    except (RuntimeError, ValueError) as error:
-        raise UserError(
-            f"could not join the {count}-process job described by {source} "
-            f"({str(error).splitlines()[0]}); check that process 0 runs and its address "
-            "and port are reachable from this machine."
-        ) from error
-    _joined["multi_process"] = True
-    LOG.info("process %d of %d joined the job (%s); %d devices in all",
-             jax.process_index(), jax.process_count(), source, jax.device_count())
-
-
-def process_count() -> int:
-    """The number of processes of the job this process joined (1 when it joined none)."""
-    if not _joined["multi_process"]:
-        return 1
-    import jax
-
-    return jax.process_count()
-
-
-def is_primary() -> bool:
-    """Whether this is process 0, the one that writes models, checkpoints and results."""
-    if not _joined["multi_process"]:
-        return True
-    import jax
-
-    return jax.process_index() == 0
-
-
-def barrier(name: str) -> None:
-    """Wait until every process of the job reaches the barrier ``name`` (no-op alone).
-
-    Raises:
-        UserError: another process stopped first (its own log says why).
-    """
-    if process_count() == 1:
-        return
-    from jax.experimental import multihost_utils
-
-    try:
-        multihost_utils.sync_global_devices(name)
-    except RuntimeError as error:
-        raise UserError(
-            f"another process of the job stopped before {name!r} "
-            f"({str(error).splitlines()[0]}); process 0's log says why."
-        ) from error
-
-
-def agree_across_processes(what: str, state: str) -> None:
-    """Refuse to go on unless every process holds the same ``state`` (no-op alone).
-
-    Raises:
-        UserError: the processes differ, e.g. each sees its own output folder.
-    """
-    if process_count() == 1:
-        return
-    from jax.experimental import multihost_utils
-
-    digest = np.frombuffer(hashlib.sha256(state.encode("utf-8")).digest(), dtype=np.uint8)
-    try:
-        gathered = np.asarray(multihost_utils.process_allgather(digest))
-    except RuntimeError as error:
-        raise UserError(
-            f"another process of the job stopped before agreeing on {what} "
-            f"({str(error).splitlines()[0]}); process 0's log says why."
-        ) from error
-    if not np.all(gathered == gathered[0]):
-        raise UserError(
-            f"the processes of the job disagree on {what}; give every process the same "
-            "--dataset and --out folders on a file system they all see."
-        )
-
 
 def data_shard() -> tuple[int, int]:
     """``(index, count)``: which slice of every global batch this process feeds.

@@ -35,8 +35,9 @@ from lungct.modelio import load_classifier, logit_model
 from lungct.train import models
 from lungct.train.batches import predict_batches
 from lungct.train.config import TrainConfig
-from lungct.train.distribute import agree_across_processes, distribution_scope, process_count
+from lungct.train.distribute import distribution_scope
 from lungct.train.image_cache import SplitData
+from lungct.train.job import agree_across_processes, process_count
 from lungct.train.loop import CHECKPOINT_FILE
 from lungct.train.phases import train_model
 

@@ -39,10 +39,10 @@ from lungct.threshold import youden_threshold
 from lungct.train import models
 from lungct.train.calibration import TemperatureFit, fit_temperature, sigmoid
 from lungct.train.config import TrainConfig, resolve_config
-from lungct.train.distribute import barrier, is_primary, join_processes
 from lungct.train.ensemble import build_ensemble, with_temperature
 from lungct.train.folds import FoldPlan, plan_folds
 from lungct.train.image_cache import SplitData, check_split_classes, load_split
+from lungct.train.job import barrier, is_primary, join_processes, reporting_failures
 from lungct.train.results import (
     ModelOutcome,
     calibration_block,
@@ -137,21 +137,23 @@ def start_model_session(mixed_precision: bool) -> None:
 def run(config: TrainConfig) -> dict:
     """Train, select and save; return the content written to ``training_results.json``.
 
-    In a multi-process job only process 0 returns that content; the others return ``{}``.
+    In a multi-process job only process 0 returns that content; the others return ``{}``. A
+    process that fails records why for the others (:func:`lungct.train.job.reporting_failures`).
 
     Raises:
         UserError: bad dataset, output folder, weights, out of memory, or a multi-process job
             that cannot be joined or whose processes disagree.
     """
     join_processes(config.distribute)
-    if not is_primary():
-        _run_as_worker(config)
-        return {}
-    _check_output_dir(config.out_dir)
-    with (output_lock(config.out_dir / contract.RESULTS_FILE, "train"),
-          shared_lock(config.dataset_dir, "train")):
-        results = _run_locked(config)
-    barrier(RESULTS_BARRIER)
+    with reporting_failures():
+        if not is_primary():
+            _run_as_worker(config)
+            return {}
+        _check_output_dir(config.out_dir)
+        with (output_lock(config.out_dir / contract.RESULTS_FILE, "train"),
+              shared_lock(config.dataset_dir, "train")):
+            results = _run_locked(config)
+        barrier(RESULTS_BARRIER)
     return results
 
 

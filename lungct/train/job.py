@@ -1,0 +1,291 @@
+"""A multi-process training job: joining it, keeping its processes in step, and ending it
+cleanly when one of them fails.
+
+A job is described the way Keras documents it, by ``KERAS_DISTRIBUTION_JOB_ADDRESSES``,
+``KERAS_DISTRIBUTION_NUM_PROCESSES`` and ``KERAS_DISTRIBUTION_PROCESS_ID``
+(``keras.distribution.initialize``), or by SLURM (more than one task: ``initialize()`` is called
+with no arguments and JAX reads SLURM's variables). :func:`join_processes` joins it before
+anything touches a device; process 0 is the one that writes (lungct.train.stage).
+
+Barriers and agreements go through the key-value store of JAX's coordination service (which
+process 0 hosts), never through a device collective: a collective waits for ever for a process
+that stopped, while a key-value barrier also watches for the failure every process records on
+its way out (:func:`reporting_failures`). A process that fails:
+
+1. records ``lungct/failed/<id>`` with its one-line reason;
+2. waits up to :data:`PEER_WAIT_S` until every other process has seen it (the others stop at
+   their next barrier with "process <id> of the job stopped: <reason>");
+3. leaves with :func:`leave`, without JAX's shutdown barrier (which would wait up to 5 minutes
+   for processes that already left); process 0, whose exit takes the coordination service
+   down, leaves last.
+
+A process killed outright (``kill -9``, a lost machine) records nothing: a process in a
+gradient all-reduce with it stops at once on the broken connection; one waiting at a barrier
+is stopped by JAX's heartbeat check after about 100 s with JAX's own "another task died"
+message. Neither hangs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterator
+
+from lungct.errors import UserError
+
+__all__ = ["MULTI_PROCESS_VARIABLES", "PEER_WAIT_S", "agree_across_processes", "barrier",
+           "is_primary", "join_processes", "leave", "process_count", "reporting_failures"]
+
+LOG = logging.getLogger(__name__)
+
+#: Keras' variables for a multi-process job (``keras.distribution.initialize``): the
+#: coordinator's (process 0's) ``host:port`` first, the number of processes, this one's id.
+MULTI_PROCESS_VARIABLES = (
+    "KERAS_DISTRIBUTION_JOB_ADDRESSES",
+    "KERAS_DISTRIBUTION_NUM_PROCESSES",
+    "KERAS_DISTRIBUTION_PROCESS_ID",
+)
+#: SLURM's task count, the variable JAX's SLURM detection reads too.
+SLURM_TASKS_VARIABLE = "SLURM_NTASKS"
+#: s; how long a failing process waits for the others to see its failure (and process 0 for
+#: the others to leave) before it leaves anyway.
+PEER_WAIT_S = 10.0
+_POLL_S = 0.1  # s between two looks at the key-value store
+_FAILED, _SEEN, _LEFT = "lungct/failed/", "lungct/seen/", "lungct/left/"
+
+_joined = {"multi_process": False}
+
+
+class PeerFailedError(UserError):
+    """Another process of the job recorded its failure; this one stops too."""
+
+
+def _int_variable(name: str, minimum: int, maximum: int | None = None) -> int:
+    text = os.environ[name].strip()
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < minimum or (maximum is not None and value > maximum):
+        allowed = f">= {minimum}" if maximum is None else f"from {minimum} to {maximum}"
+        raise UserError(f"{name}={text!r} must be a whole number {allowed}.")
+    return value
+
+
+def _requested_processes() -> tuple[int, str]:
+    """The number of processes the environment asks for, and who asked (1: none asked)."""
+    present = [name for name in MULTI_PROCESS_VARIABLES if os.environ.get(name, "").strip()]
+    if present:
+        missing = [name for name in MULTI_PROCESS_VARIABLES if name not in present]
+        if missing:
+            raise UserError(
+                f"{', '.join(present)} is set but {', '.join(missing)} is not; a multi-process "
+                f"job needs all of {', '.join(MULTI_PROCESS_VARIABLES)}."
+            )
+        count = _int_variable(MULTI_PROCESS_VARIABLES[1], 1)
+        _int_variable(MULTI_PROCESS_VARIABLES[2], 0, count - 1)
+        addresses = [a for a in os.environ[MULTI_PROCESS_VARIABLES[0]].split(",") if a.strip()]
+        if len(addresses) > 1 and len(addresses) != count:
+            raise UserError(
+                f"{MULTI_PROCESS_VARIABLES[0]} lists {len(addresses)} addresses but "
+                f"{MULTI_PROCESS_VARIABLES[1]} is {count}; list process 0's host:port alone "
+                "or one address per process."
+            )
+        return count, "KERAS_DISTRIBUTION_* variables"
+    if os.environ.get("SLURM_JOB_ID") and os.environ.get(SLURM_TASKS_VARIABLE, "").strip():
+        return _int_variable(SLURM_TASKS_VARIABLE, 1), "SLURM"
+    return 1, ""
+
+
+def join_processes(mode: str) -> None:
+    """Join the multi-process job the environment describes, once, before any device is used.
+
+    Only ``--distribute data-parallel`` joins a job. With the ``KERAS_DISTRIBUTION_*``
+    variables (all three), or under SLURM with more than one task, this calls
+    ``keras.distribution.initialize()`` with no arguments: Keras reads its variables and
+    ``jax.distributed.initialize`` detects SLURM itself. One process asked for: nothing to join.
+
+    Raises:
+        UserError: incomplete or invalid variables, another backend than JAX, or the
+            coordinator could not be reached.
+    """
+    if mode != "data-parallel" or _joined["multi_process"]:
+        return
+    count, source = _requested_processes()
+    if count == 1:
+        return
+    import keras
+
+    from lungct import backend
+
+    if backend.backend_name() != "jax":
+        raise UserError(
+            f"{source} ask for {count} processes, but multi-process training needs the JAX "
+            "backend (run with KERAS_BACKEND=jax)."
+        )
+    import jax
+
+    try:
+        keras.distribution.initialize()
+    except (RuntimeError, ValueError) as error:
+        raise UserError(
+            f"could not join the {count}-process job described by {source} "
+            f"({str(error).splitlines()[0]}); check that process 0 runs and its address "
+            "and port are reachable from this machine."
+        ) from error
+    _joined["multi_process"] = True
+    LOG.info("process %d of %d joined the job (%s); %d devices in all",
+             jax.process_index(), jax.process_count(), source, jax.device_count())
+
+
+def process_count() -> int:
+    """The number of processes of the job this process joined (1 when it joined none)."""
+    if not _joined["multi_process"]:
+        return 1
+    import jax
+
+    return jax.process_count()
+
+
+def is_primary() -> bool:
+    """Whether this is process 0, the one that writes models, checkpoints and results."""
+    if not _joined["multi_process"]:
+        return True
+    import jax
+
+    return jax.process_index() == 0
+
+
+def _client():  # noqa: ANN202 - jaxlib's DistributedRuntimeClient has no public type
+    """The coordination service's client of this process (``jax.distributed``)."""
+    from jax._src import distributed
+
+    return distributed.global_state.client
+
+
+def _process_id() -> int:
+    import jax
+
+    return jax.process_index()
+
+
+def _stop_if_a_peer_failed(client) -> None:  # noqa: ANN001
+    failed = client.key_value_dir_get(_FAILED)
+    if failed:
+        client.key_value_set(f"{_SEEN}{_process_id()}", "1", allow_overwrite=True)
+        key, reason = sorted(failed)[0]
+        raise PeerFailedError(f"process {key.rsplit('/', 1)[1]} of the job stopped: {reason}")
+
+
+def _wait_for(client, prefix: str, count: int, timeout_s: float | None) -> bool:  # noqa: ANN001
+    """Wait until ``count`` keys exist under ``prefix`` (stopping if a peer failed, unless
+    ``timeout_s`` is given); whether they all came."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while len(client.key_value_dir_get(prefix)) < count:
+        if deadline is None:
+            _stop_if_a_peer_failed(client)
+        elif time.monotonic() > deadline:
+            return False
+        time.sleep(_POLL_S)
+    return True
+
+
+def barrier(name: str) -> None:
+    """Wait until every process of the job reaches the barrier ``name`` (no-op alone).
+
+    Raises:
+        UserError: another process recorded its failure first (the message carries its reason).
+    """
+    if process_count() == 1:
+        return
+    client = _client()
+    client.key_value_set(f"lungct/barrier/{name}/{_process_id()}", "1")
+    _wait_for(client, f"lungct/barrier/{name}/", process_count(), None)
+
+
+def agree_across_processes(what: str, state: str) -> None:
+    """Refuse to go on unless every process holds the same ``state`` (no-op alone).
+
+    Raises:
+        UserError: the processes differ, e.g. each sees its own output folder, or another
+            process failed first.
+    """
+    if process_count() == 1:
+        return
+    client = _client()
+    topic = hashlib.sha256(what.encode("utf-8")).hexdigest()[:16]
+    digest = hashlib.sha256(state.encode("utf-8")).hexdigest()
+    client.key_value_set(f"lungct/agree/{topic}/{_process_id()}", digest)
+    _wait_for(client, f"lungct/agree/{topic}/", process_count(), None)
+    if len({value for _, value in client.key_value_dir_get(f"lungct/agree/{topic}/")}) > 1:
+        raise UserError(
+            f"the processes of the job disagree on {what}; give every process the same "
+            "--dataset and --out folders on a file system they all see."
+        )
+
+
+def _collective_failure(error: BaseException) -> UserError | None:
+    """A device collective broken by a process that stopped (JAX's gloo on CPU says so)."""
+    first = (str(error).strip().splitlines() or [""])[0]
+    if "Gloo" not in first and "Connection reset by peer" not in first:
+        return None
+    return UserError(f"a collective operation across the job's processes failed ({first[:200]}); "
+                     "another process has stopped: its log says why.")
+
+
+@contextlib.contextmanager
+def reporting_failures() -> Iterator[None]:
+    """Record this process's failure for the others, and wait (bounded) until they saw it.
+
+    Inside a multi-process job, any exception (Ctrl-C included) is recorded as
+    ``lungct/failed/<id>`` with its first line, then re-raised; a broken collective becomes a
+    UserError that says another process stopped. Outside a job this does nothing.
+    """
+    try:
+        yield
+    except PeerFailedError:
+        raise
+    except BaseException as error:
+        if process_count() == 1:
+            raise
+        translated = _collective_failure(error)
+        reason = (str(translated or error).strip().splitlines() or [type(error).__name__])[0]
+        with contextlib.suppress(Exception):  # the service may be gone with process 0
+            client = _client()
+            client.key_value_set(f"{_FAILED}{_process_id()}", reason[:500],
+                                 allow_overwrite=True)
+            # After a broken collective the peers are gone or see it break too: no wait.
+            if translated is None and not _wait_for(client, _SEEN, process_count() - 1,
+                                                    PEER_WAIT_S):
+                LOG.warning("not every process of the job saw this failure within %g s",
+                            PEER_WAIT_S)
+        if translated is not None:
+            raise translated from error
+        raise
+
+
+def leave(exit_code: int) -> int:
+    """End a failed process of a multi-process job now; return ``exit_code`` otherwise.
+
+    After a failure the processes must not run JAX's shutdown (it waits for every process at
+    a barrier, up to 5 minutes, and those that left never come): a process flushes its
+    output and exits at once. Process 0 hosts the coordination service, so it first waits
+    (up to :data:`PEER_WAIT_S`) until the others have left.
+    """
+    if exit_code == 0 or process_count() == 1:
+        return exit_code
+    with contextlib.suppress(Exception):  # the service may be gone with process 0
+        client = _client()
+        if is_primary():
+            _wait_for(client, _LEFT, process_count() - 1, PEER_WAIT_S)
+            time.sleep(10 * _POLL_S)  # the others' last instructions after recording it
+        else:
+            client.key_value_set(f"{_LEFT}{_process_id()}", "1", allow_overwrite=True)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(exit_code)
