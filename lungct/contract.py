@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from lungct.errors import UserError
-from lungct.fileio import atomic_write_bytes, atomic_write_json, unsafe_relative
+from lungct.fileio import atomic_write_bytes, atomic_write_json, spreadsheet_safe, unsafe_relative
 from lungct.fingerprint import file_sha256, fingerprint
 
 __all__ = [
@@ -131,8 +131,10 @@ def write_manifest(dataset_dir: Path, rows: Iterable[Mapping[str, Any]]) -> None
 
 
 def write_skipped(dataset_dir: Path, reasons: Mapping[str, str]) -> None:
-    """Write ``skipped.csv``: ``file,reason`` for every input file that was not used."""
-    rows = ({"file": name, "reason": reason} for name, reason in sorted(reasons.items()))
+    """Write ``skipped.csv``: ``file,reason`` for every input file that was not used, each
+    cell spreadsheet-safe (manifest.csv is not: the stages read it back as written)."""
+    rows = ({"file": spreadsheet_safe(name), "reason": spreadsheet_safe(reason)}
+            for name, reason in sorted(reasons.items()))
     atomic_write_bytes(Path(dataset_dir) / SKIPPED_FILE, _csv_bytes(("file", "reason"), rows))
 
 

@@ -1,4 +1,5 @@
-"""Atomic writes: a file through a temp file, a folder of outputs through a staging folder.
+"""Atomic writes: a file through a temp file, a folder of outputs through a staging folder;
+and the one rule for CSV cells people open in spreadsheets (:func:`spreadsheet_safe`).
 
 Files: a temp file beside the target, then ``os.replace``; an interrupted run leaves only a
 stray ``*.tmp-*`` file that the next run ignores and overwrites. Folders: a stage builds its
@@ -12,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -25,6 +27,7 @@ __all__ = [
     "atomic_path",
     "atomic_write_bytes",
     "atomic_write_json",
+    "spreadsheet_safe",
     "atomic_write_text",
     "fresh_staging",
     "swap_into_place",
@@ -117,3 +120,18 @@ def unsafe_relative(text: str) -> bool:
     """Whether ``text`` fails to name a path inside a folder (empty, absolute, ``..``, ``\\``)."""
     path = PurePosixPath(text)
     return text == "" or path.is_absolute() or ".." in path.parts or "\\" in text
+
+
+#: A cell a spreadsheet would run as a formula (OWASP "CSV injection"), unless it is a number.
+_FORMULA_START = ("=", "+", "-", "@")
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def spreadsheet_safe(value: Any) -> Any:
+    """``value``, with a ``'`` before a text that starts with ``=``, ``+``, ``-`` or ``@``
+    and is not a number: text from input files (a file name, a Patient ID) that a spreadsheet
+    would otherwise run as a formula. For CSVs people open and no stage reads back."""
+    if isinstance(value, str) and value.startswith(_FORMULA_START) and not _NUMBER.fullmatch(
+            value):
+        return "'" + value
+    return value

@@ -191,3 +191,14 @@ def test_training_results_not_json(tmp_path: Path) -> None:
     path.write_text("{", encoding="utf-8")
     with pytest.raises(UserError, match="is not readable JSON"):
         contract.read_training_results(path)
+
+
+def test_skipped_csv_cells_never_become_spreadsheet_formulas(tmp_path: Path) -> None:
+    """A hostile input file name is escaped in skipped.csv; plain names stay as they are."""
+    contract.write_skipped(tmp_path, {"=HYPERLINK(\"http://x\")/a.dcm": "not DICOM",
+                                      "b/c.dcm": "not a CT image ((0008,0060) Modality MR)"})
+    assert (tmp_path / contract.SKIPPED_FILE).read_text(encoding="utf-8").splitlines() == [
+        "file,reason",
+        '"\'=HYPERLINK(""http://x"")/a.dcm",not DICOM',
+        'b/c.dcm,"not a CT image ((0008,0060) Modality MR)"',
+    ]

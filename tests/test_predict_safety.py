@@ -22,11 +22,12 @@ import predict_lung_ct
 import prepare_lung_dataset
 import training_lung_cnn
 from lungct.errors import UserError
+from lungct.fileio import spreadsheet_safe
 from lungct.predict import nodules_csv, series_results, stage
 from lungct.predict.config import PredictConfig
 from lungct.predict.dicom_out import write_secondary_capture
 from lungct.predict.nodules_csv import NoduleCentre, check_rows, read_nodules
-from lungct.predict.outputs import spreadsheet_safe, write_csv
+from lungct.predict.outputs import write_csv
 from lungct.predict.recipe import read_recipe
 from lungct.predict.scoring import check_temperature
 from lungct.prepare.render import lung_field

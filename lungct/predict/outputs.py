@@ -8,7 +8,6 @@ from __future__ import annotations
 import csv
 import io
 import math
-import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -17,11 +16,11 @@ import cv2
 import numpy as np
 
 from lungct import contract
-from lungct.fileio import atomic_write_bytes, atomic_write_json
+from lungct.fileio import atomic_write_bytes, atomic_write_json, spreadsheet_safe
 
 __all__ = [
     "ERRORS_COLUMNS", "RESEARCH_NOTICE", "SERIES_FILE", "SLICES_COLUMNS",
-    "STUDIES_COLUMNS", "SUMMARY_COLUMNS", "overlay_image", "read_csv_rows", "spreadsheet_safe",
+    "STUDIES_COLUMNS", "SUMMARY_COLUMNS", "overlay_image", "read_csv_rows",
     "study_rows", "write_csv", "write_series_json",
 ]
 
@@ -37,26 +36,13 @@ SUMMARY_COLUMNS = ("patient_id", "study_uid", "series_uid", "places", "n_scored"
 STUDIES_COLUMNS = ("patient_id", "study_uid", "n_series", "max_probability", "from_series_uid",
                    "called_cancer")
 ERRORS_COLUMNS = ("patient_id", "study_uid", "series_uid", "reason")
-#: A cell a spreadsheet would run as a formula (OWASP "CSV injection"), unless it is a number.
-_FORMULA_START = ("=", "+", "-", "@")
-_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 _OVERLAY_MIN_PX = 256
 _CAM_ALPHA = 0.4
 
 
-def spreadsheet_safe(value: Any) -> Any:
-    """``value``, with a ``'`` before a text that starts with ``=``, ``+``, ``-`` or ``@``
-    and is not a number: text from DICOM headers (a Patient ID, a file name) that a
-    spreadsheet would otherwise run as a formula."""
-    if isinstance(value, str) and value.startswith(_FORMULA_START) and not _NUMBER.fullmatch(
-            value):
-        return "'" + value
-    return value
-
-
 def write_csv(path: Path, columns: Iterable[str], rows: Iterable[Mapping[str, Any]]) -> None:
     """Write ``rows`` (only ``columns``, in that order) as a UTF-8 CSV, atomically; every
-    text cell passes through :func:`spreadsheet_safe`."""
+    text cell passes through :func:`lungct.fileio.spreadsheet_safe`."""
     buffer = io.StringIO()
     fields = list(columns)
     writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore",
