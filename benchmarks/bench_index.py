@@ -3,7 +3,8 @@
 
 Generates a tree of small CT DICOM files (real headers written by pydicom, 8 x 8 pixels, 100
 slices per series), then times :func:`lungct.prepare.header_index.read_headers`: every header
-read (no index) with ``--executor local`` and ``dask`` on 1 and 2 workers; building the
+read (no index) with ``--executor local`` and ``dask`` on 1 and 2 workers (median of
+``--repeats`` rounds, the settings side by side in each); building the
 persistent index, and a second run with it in place; the overhead of one task (a no-op) on
 each executor; and prepare end to end on the synthetic cohort with both executors.
 
@@ -70,23 +71,30 @@ def _files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*.dcm"))
 
 
-def time_indexing(root: Path, files: list[Path]) -> dict:
-    """Every header read, no index: files/s per executor and worker count; task overhead."""
-    results: dict = {}
-    for kind in ("local", "dask"):
-        for workers in (1, 2):
+def time_indexing(root: Path, files: list[Path], repeats: int) -> dict:
+    """Every header read, no index: files/s per executor and worker count (median of
+    ``repeats`` rounds, the four settings side by side in each round); task overhead."""
+    settings = [(kind, workers) for kind in ("local", "dask") for workers in (1, 2)]
+    rounds: dict[str, list[dict]] = {f"{kind}_{workers}": [] for kind, workers in settings}
+    for _ in range(repeats):
+        for kind, workers in settings:
             start = time.perf_counter()
             with open_executor(kind, workers, dashboard_address=None) as executor:
                 ready = time.perf_counter()
                 read_headers(files, root, executor, None)
                 done = time.perf_counter()
                 overhead = _task_overhead_s(executor) if workers == 2 else None
-            results[f"{kind}_{workers}"] = {
-                "start_s": round(ready - start, 3), "read_s": round(done - ready, 3),
-                "files_per_s": round(len(files) / (done - ready), 1),
-                **({"task_overhead_ms": round(overhead * 1e3, 3)} if overhead else {}),
-            }
-            LOG.info("%s on %d: %s", kind, workers, results[f"{kind}_{workers}"])
+            run = {"start_s": ready - start, "read_s": done - ready,
+                   **({"task_overhead_ms": overhead * 1e3} if overhead else {})}
+            rounds[f"{kind}_{workers}"].append(run)
+            LOG.info("%s on %d: %.1f files/s", kind, workers, len(files) / run["read_s"])
+    results = {}
+    for key, runs in rounds.items():
+        median = {name: round(float(np.median([run[name] for run in runs])), 3)
+                  for name in runs[0]}
+        median["files_per_s"] = round(len(files) / median["read_s"], 1)
+        median["files_per_s_each_round"] = [round(len(files) / run["read_s"], 1) for run in runs]
+        results[key] = median
     return results
 
 
@@ -132,6 +140,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--files", type=int, default=50_000)
     parser.add_argument("--patients", type=int, default=10, help="synthetic cohort, end to end")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of the indexing timings")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out/index.json"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -145,10 +154,11 @@ def main() -> None:
             "files": len(files), "generate_s": round(generate_s, 1),
             "tree_bytes": sum(p.stat().st_size for p in files),
             "cpus": os.cpu_count(), "platform": platform.platform(),
-            "note": "2 CPU cores shared with other engineers' jobs while measuring",
-            "indexing": time_indexing(root, files),
+            "load_average_1min_at_start": round(os.getloadavg()[0], 2),
+            "indexing": time_indexing(root, files, args.repeats),
             "index_reuse": time_index_reuse(root, files, work),
             "end_to_end": time_end_to_end(work / "e2e", args.patients),
+            "load_average_1min_at_end": round(os.getloadavg()[0], 2),
         }
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -140,7 +140,8 @@ def measure(args: argparse.Namespace, root: Path) -> dict:
         "settings": {"image_size": args.image_size, "n_train": args.n_train,
                      "batch_size": args.batch_size, "epochs": args.epochs, "model": "baseline",
                      "backend": "jax", "device": "cpu"},
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                    "load_average_1min_at_end": round(os.getloadavg()[0], 2)},
         "runs": results,
         "two_processes_vs_one": round(results["two_processes"]["images_per_second"] / single, 3),
         "two_devices_vs_one": round(

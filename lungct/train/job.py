@@ -58,6 +58,9 @@ _POLL_S = 0.1  # s between two looks at the key-value store
 _FAILED, _SEEN, _LEFT = "lungct/failed/", "lungct/seen/", "lungct/left/"
 
 _joined = {"multi_process": False}
+#: How many barriers and agreements this process has entered: every process enters the same
+#: ones in the same order, so the count keeps a name used twice from meeting its old keys.
+_entered = {"count": 0}
 
 
 class PeerFailedError(UserError):
@@ -194,6 +197,12 @@ def _wait_for(client, prefix: str, count: int, timeout_s: float | None) -> bool:
     return True
 
 
+def _step_prefix(what: str) -> str:
+    """The key-value folder of this process's next barrier or agreement."""
+    _entered["count"] += 1
+    return f"lungct/{_entered['count']}-{what}/"
+
+
 def barrier(name: str) -> None:
     """Wait until every process of the job reaches the barrier ``name`` (no-op alone).
 
@@ -202,9 +211,9 @@ def barrier(name: str) -> None:
     """
     if process_count() == 1:
         return
-    client = _client()
-    client.key_value_set(f"lungct/barrier/{name}/{_process_id()}", "1")
-    _wait_for(client, f"lungct/barrier/{name}/", process_count(), None)
+    client, prefix = _client(), _step_prefix(f"barrier/{name}")
+    client.key_value_set(f"{prefix}{_process_id()}", "1")
+    _wait_for(client, prefix, process_count(), None)
 
 
 def agree_across_processes(what: str, state: str) -> None:
@@ -216,12 +225,11 @@ def agree_across_processes(what: str, state: str) -> None:
     """
     if process_count() == 1:
         return
-    client = _client()
-    topic = hashlib.sha256(what.encode("utf-8")).hexdigest()[:16]
-    digest = hashlib.sha256(state.encode("utf-8")).hexdigest()
-    client.key_value_set(f"lungct/agree/{topic}/{_process_id()}", digest)
-    _wait_for(client, f"lungct/agree/{topic}/", process_count(), None)
-    if len({value for _, value in client.key_value_dir_get(f"lungct/agree/{topic}/")}) > 1:
+    client, prefix = _client(), _step_prefix("agree")
+    client.key_value_set(f"{prefix}{_process_id()}",
+                         hashlib.sha256(state.encode("utf-8")).hexdigest())
+    _wait_for(client, prefix, process_count(), None)
+    if len({value for _, value in client.key_value_dir_get(prefix)}) > 1:
         raise UserError(
             f"the processes of the job disagree on {what}; give every process the same "
             "--dataset and --out folders on a file system they all see."
