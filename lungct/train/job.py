@@ -34,6 +34,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator
+from typing import Any
 
 from lungct.errors import UserError
 
@@ -163,8 +164,9 @@ def is_primary() -> bool:
     return jax.process_index() == 0
 
 
-def _client():  # noqa: ANN202 - jaxlib's DistributedRuntimeClient has no public type
-    """The coordination service's client of this process (``jax.distributed``)."""
+def _client() -> Any:
+    """The coordination service's client of this process (``jax.distributed``; jaxlib's
+    ``DistributedRuntimeClient`` has no public type)."""
     from jax._src import distributed
 
     return distributed.global_state.client
@@ -176,7 +178,7 @@ def _process_id() -> int:
     return jax.process_index()
 
 
-def _stop_if_a_peer_failed(client) -> None:  # noqa: ANN001
+def _stop_if_a_peer_failed(client: Any) -> None:
     failed = client.key_value_dir_get(_FAILED)
     if failed:
         client.key_value_set(f"{_SEEN}{_process_id()}", "1", allow_overwrite=True)
@@ -184,7 +186,7 @@ def _stop_if_a_peer_failed(client) -> None:  # noqa: ANN001
         raise PeerFailedError(f"process {key.rsplit('/', 1)[1]} of the job stopped: {reason}")
 
 
-def _wait_for(client, prefix: str, count: int, timeout_s: float | None) -> bool:  # noqa: ANN001
+def _wait_for(client: Any, prefix: str, count: int, timeout_s: float | None) -> bool:
     """Wait until ``count`` keys exist under ``prefix`` (stopping if a peer failed, unless
     ``timeout_s`` is given); whether they all came."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
