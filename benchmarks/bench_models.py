@@ -94,15 +94,19 @@ def summarise_report(report: dict) -> dict:
 
 def run_configuration(work: Path, seed: int, context_mm: float, folds: int,
                       args: argparse.Namespace) -> dict:
-    """Prepare (once per seed and context), train and interpret one configuration."""
-    dataset = work / f"dataset_seed{seed}_context{context_mm:g}"
+    """Prepare (once per seed and context), train and interpret one configuration.
+
+    Each seed's synthetic cohort lives in its own work folder: the cohort depends on the
+    seed, and a regenerated cohort (new file times) would not let prepare reuse a dataset."""
+    seed_work = work / f"seed{seed}"
+    dataset = seed_work / f"dataset_context{context_mm:g}"
     run_dir = work / f"run_seed{seed}_context{context_mm:g}_folds{folds}"
     run_dir.mkdir(parents=True, exist_ok=True)
     seconds = {"prepare": _run([
         "prepare_lung_dataset.py", "--source", "synthetic",
         "--synthetic-patients", str(args.patients), "--view", "patch",
         "--image-size", str(args.image_size), "--target-count", str(args.target_count),
-        "--seed", str(seed), "--context-mm", f"{context_mm:g}", "--work-dir", str(work),
+        "--seed", str(seed), "--context-mm", f"{context_mm:g}", "--work-dir", str(seed_work),
         "--output", str(dataset), "-q"], run_dir / "prepare.log")}
     seconds["train"] = _run([
         "training_lung_cnn.py", "--dataset", str(dataset), "--out", str(run_dir),
