@@ -58,7 +58,7 @@ PEER_WAIT_S = 10.0
 _POLL_S = 0.1  # s between two looks at the key-value store
 _FAILED, _SEEN, _LEFT = "lungct/failed/", "lungct/seen/", "lungct/left/"
 
-_joined = {"multi_process": False}
+_joined = {"multi_process": False, "collective_broken": False}
 #: How many barriers and agreements this process has entered: every process enters the same
 #: ones in the same order, so the count keeps a name used twice from meeting its old keys.
 _entered = {"count": 0}
@@ -263,6 +263,7 @@ def reporting_failures() -> Iterator[None]:
         if process_count() == 1:
             raise
         translated = _collective_failure(error)
+        _joined["collective_broken"] = translated is not None
         reason = (str(translated or error).strip().splitlines() or [type(error).__name__])[0]
         with contextlib.suppress(Exception):  # the service may be gone with process 0
             client = _client()
@@ -284,13 +285,14 @@ def leave(exit_code: int) -> int:
     After a failure the processes must not run JAX's shutdown (it waits for every process at
     a barrier, up to 5 minutes, and those that left never come): a process flushes its
     output and exits at once. Process 0 hosts the coordination service, so it first waits
-    (up to :data:`PEER_WAIT_S`) until the others have left.
+    (up to :data:`PEER_WAIT_S`) until the others have left, unless a broken collective said
+    they are gone.
     """
     if exit_code == 0 or process_count() == 1:
         return exit_code
     with contextlib.suppress(Exception):  # the service may be gone with process 0
         client = _client()
-        if is_primary():
+        if is_primary() and not _joined["collective_broken"]:  # else the others are gone
             _wait_for(client, _LEFT, process_count() - 1, PEER_WAIT_S)
             time.sleep(10 * _POLL_S)  # the others' last instructions after recording it
         else:
