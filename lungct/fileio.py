@@ -27,9 +27,9 @@ __all__ = [
     "atomic_path",
     "atomic_write_bytes",
     "atomic_write_json",
-    "spreadsheet_safe",
     "atomic_write_text",
     "fresh_staging",
+    "spreadsheet_safe",
     "swap_into_place",
     "unsafe_relative",
 ]

@@ -396,3 +396,8 @@ def test_valid_uids_pass_and_only_series_uid_is_required(ct_slice):
     with pytest.raises(UnusableFileError,
                        match=r"^missing \(0020,000E\) Series Instance UID$"):
         dicom.read_header(path)
+
+
+def test_the_file_cap_is_twice_the_largest_slice() -> None:
+    """dicom_files cannot import dicom (the other way round), so its cap is a number: pinned."""
+    assert dicom_files.MAX_FILE_BYTES == 2 * dicom.MAX_SLICE_BYTES

@@ -192,6 +192,11 @@ def test_predictions_under_the_job_are_gathered_on_every_process(tmp_path: Path)
 
 # --- Failure paths: one process stops, the others end with one sentence, never hang. ---------
 
+#: s; a failed job ends well within this (start-up and JAX's import included), far below
+#: JAX's 100 s heartbeat timeout and 300 s shutdown wait that a regression would show.
+FAILED_JOB_S = 60
+
+
 def _errors(stderr: str) -> list[str]:
     """The ERROR lines of a stage's stderr (JAX/XLA start-up lines are not lungct's)."""
     return [line for line in stderr.splitlines() if line.startswith("ERROR ")]
@@ -208,8 +213,10 @@ def test_process_zero_failing_before_the_cache_barrier_stops_the_worker(
     with process 0's reason instead of waiting for ever, and both exit 2."""
     out = tmp_path / "a_file"
     out.write_text("not a folder")
+    started = time.monotonic()
     finished = _run_all([(_train_command(tiny_dataset, out, "data-parallel"), env)
                          for env in _job_environments()])
+    assert time.monotonic() - started < FAILED_JOB_S
     assert [code for code, _, _ in finished] == [2, 2], [e[-2000:] for _, _, e in finished]
     reason = f"output folder {out} is not writable (File exists)."
     assert _errors(finished[0][2]) == [f"ERROR {reason}"]
@@ -223,7 +230,9 @@ def test_a_failing_worker_stops_process_zero(tiny_dataset: Path, tmp_path: Path)
     job, missing = tmp_path / "job", tmp_path / "missing_dataset"
     commands = [(_train_command(tiny_dataset if index == 0 else missing, job, "data-parallel"),
                  env) for index, env in enumerate(_job_environments())]
+    started = time.monotonic()
     finished = _run_all(commands)
+    assert time.monotonic() - started < FAILED_JOB_S
     assert [code for code, _, _ in finished] == [2, 2], [e[-2000:] for _, _, e in finished]
     (worker_error,) = _errors(finished[1][2])
     assert str(missing) in worker_error
@@ -254,7 +263,7 @@ def test_a_process_killed_mid_training_ends_the_other(tiny_dataset: Path, tmp_pa
             assert checkpoint.exists(), "no epoch finished"
             processes[killed].kill()
             survivor = processes[1 - killed]
-            survivor.wait(timeout=60)  # TimeoutExpired here is the hang this test rules out
+            survivor.wait(timeout=FAILED_JOB_S)  # TimeoutExpired: the hang this test rules out
         finally:
             for process in processes:
                 if process.poll() is None:

@@ -63,7 +63,7 @@ class DecodeRefusedError(Exception):
     """Pixel data this module will not or cannot decode; ``str(error)`` is the reason.
 
     :func:`lungct.prepare.dicom_files.refuse_unreadable` turns it into UnusableFileError with
-    the same reason (this module imports nothing from lungct, so dicom.py can use it).
+    the same reason (this module imports nothing from lungct, so dicom_files.py can use it).
     """
 
 

@@ -150,14 +150,14 @@ class SliceHeader:
     #: (0028,0030) Pixel Spacing: between rows (first value) and between columns (second), mm.
     row_spacing_mm: float = 0.0
     column_spacing_mm: float = 0.0
-    # What decides decoding; the defaults are those of absent attributes (PixelFormat).
+    # What decides decoding, as read_header checked it (defaults: a 16-bit native slice).
     transfer_syntax_uid: str = "1.2.840.10008.1.2"  # (0002,0010); Implicit VR LE if absent
     sop_class_uid: str = ""  # (0008,0016)
-    modality: str = "CT"  # (0008,0060)
-    image_type: str = ""  # (0008,0008), values joined by "\\"
-    number_of_frames: int = 1  # (0028,0008)
+    modality: str = "CT"  # (0008,0060), upper case
+    image_type: str = ""  # (0008,0008), values joined by "\\", cut to 64 characters
+    number_of_frames: int = 1  # (0028,0008); always 1: multi-frame images are refused
     bits_allocated: int = 16  # (0028,0100)
-    bits_stored: int = 16  # (0028,0101)
+    bits_stored: int = 16  # (0028,0101); Bits Allocated when absent
     signed: bool = False  # (0028,0103) Pixel Representation 1
     rescale_slope: float = 1.0  # (0028,1053)
     rescale_intercept_hu: float = 0.0  # (0028,1052)
@@ -165,9 +165,10 @@ class SliceHeader:
     #: padding stored value, None without padding.
     padding_low: int | None = None
     padding_high: int | None = None
-    #: file offset of the (7FE0,0010) Pixel Data value, bytes (None in a deflated data set)
+    #: file offset of the (7FE0,0010) Pixel Data value, bytes: the pixels of a native syntax,
+    #: the first Item tag of an encapsulated one; None in a deflated data set
     pixel_data_offset_bytes: int | None = None
-    burned_in_annotation: str = ""  # (0028,0301): "NO" or absent ("YES" is refused)
+    burned_in_annotation: str = ""  # (0028,0301), upper case; "" if absent ("YES" is refused)
 
     def patient_xy_mm(self, row_px: float, column_px: float) -> tuple[float, float]:
         """Patient x, y (mm) of a pixel position (row, column; 0 = first pixel's centre).
@@ -314,7 +315,7 @@ def read_header(path: Path) -> SliceHeader:
         orientation=tuple(geometry["ImageOrientationPatient"] or (1.0, 0, 0, 0, 1.0, 0)),
         row_spacing_mm=geometry["PixelSpacing"][0], column_spacing_mm=geometry["PixelSpacing"][1],
         transfer_syntax_uid=str(syntax), sop_class_uid=_uid(ds, "SOPClassUID"),
-        modality=_text(ds, "Modality"), image_type=_text(ds, "ImageType", "\\"),
+        modality=_text(ds, "Modality").upper(), image_type=_text(ds, "ImageType", "\\"),
         number_of_frames=int(ds.get("NumberOfFrames") or 1),  # checked by pixel_format
         bits_allocated=pixels.bits_allocated, bits_stored=pixels.bits_stored,
         signed=pixels.signed, rescale_slope=pixels.slope, rescale_intercept_hu=pixels.intercept,

@@ -287,7 +287,7 @@ def render(candidate: Candidate, settings: RenderSettings,
             one for this sample when None.
 
     Raises:
-        lungct.prepare.dicom.UnusableFileError: its pixels (or a context plane's) cannot be
+        lungct.prepare.dicom_files.UnusableFileError: its pixels (or a context plane's) cannot be
             read, its patch would be wider than :data:`MAX_PATCH_SIDE_PX`, a patch without a
             centre (a ``no_finding`` sample) finds no lung tissue (:data:`NO_LUNG_REASON`),
             a context plane falls outside the series or across a gap in it, or the candidate

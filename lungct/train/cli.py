@@ -21,6 +21,7 @@ from lungct.cli import (
     positive_int,
     run_main,
 )
+from lungct.train.job import leave
 
 __all__ = ["build_parser", "main"]
 
@@ -216,10 +217,5 @@ def main(argv: list[str] | None = None) -> int:
         run(config)
         return 0
 
-    code = run_main(body)
-    if code and args.distribute == "data-parallel":
-        from lungct.train.job import leave
-
-        return leave(code)  # a failed process of a multi-process job exits here
-    return code
+    return leave(run_main(body))  # a failed process of a multi-process job exits there
 

@@ -42,6 +42,7 @@ LOG = logging.getLogger(__name__)
 
 DISTRIBUTE_MODES = ("none", "data-parallel", "mirrored")
 
+
 def data_shard() -> tuple[int, int]:
     """``(index, count)``: which slice of every global batch this process feeds.
 

@@ -13,16 +13,20 @@ that stopped, while a key-value barrier also watches for the failure every proce
 its way out (:func:`reporting_failures`). A process that fails:
 
 1. records ``lungct/failed/<id>`` with its one-line reason;
-2. waits up to :data:`PEER_WAIT_S` until every other process has seen it (the others stop at
-   their next barrier with "process <id> of the job stopped: <reason>");
+2. waits up to :data:`PEER_WAIT_S` until every other process has seen it or failed too (the
+   others stop at their next barrier with "process <id> of the job stopped: <reason>");
 3. leaves with :func:`leave`, without JAX's shutdown barrier (which would wait up to 5 minutes
    for processes that already left); process 0, whose exit takes the coordination service
-   down, leaves last.
+   down, leaves last (it waits up to :data:`PEER_WAIT_S` more for the others to leave).
 
-A process killed outright (``kill -9``, a lost machine) records nothing: a process in a
-gradient all-reduce with it stops at once on the broken connection; one waiting at a barrier
-is stopped by JAX's heartbeat check after about 100 s with JAX's own "another task died"
-message. Neither hangs.
+A process killed outright (``kill -9``, a lost machine) records nothing. A worker's death
+breaks process 0's next gradient all-reduce at once (JAX's gloo collectives on CPU), and
+process 0 stops with one sentence, the worker's recorded reason where there is one. Process
+0's death takes the coordination service with it, and JAX aborts the others at once (SIGABRT,
+its own "another task died" message), as it does a worker still busy (compiling, in an
+all-reduce) when process 0 leaves after a failure. A process waiting at a barrier for a killed
+one is stopped by JAX's heartbeat check after about 100 s. None of these hangs. On GPUs the
+collectives are NCCL's, whose reaction to a dead peer was not measured here.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -38,8 +43,9 @@ from typing import Any
 
 from lungct.errors import UserError
 
-__all__ = ["MULTI_PROCESS_VARIABLES", "PEER_WAIT_S", "agree_across_processes", "barrier",
-           "is_primary", "join_processes", "leave", "process_count", "reporting_failures"]
+__all__ = ["MULTI_PROCESS_VARIABLES", "PEER_WAIT_S", "SLURM_TASKS_VARIABLE", "PeerFailedError",
+           "agree_across_processes", "barrier", "is_primary", "join_processes", "leave",
+           "process_count", "reporting_failures"]
 
 LOG = logging.getLogger(__name__)
 
@@ -53,8 +59,9 @@ MULTI_PROCESS_VARIABLES = (
 #: SLURM's task count, the variable JAX's SLURM detection reads too.
 SLURM_TASKS_VARIABLE = "SLURM_NTASKS"
 #: s; how long a failing process waits for the others to see its failure (and process 0 for
-#: the others to leave) before it leaves anyway.
-PEER_WAIT_S = 10.0
+#: the others to leave) before it leaves anyway: long enough for a worker finishing an epoch
+#: on a CPU to reach its next barrier.
+PEER_WAIT_S = 30.0
 _POLL_S = 0.1  # s between two looks at the key-value store
 _FAILED, _SEEN, _LEFT = "lungct/failed/", "lungct/seen/", "lungct/left/"
 
@@ -178,25 +185,41 @@ def _process_id() -> int:
     return jax.process_index()
 
 
-def _stop_if_a_peer_failed(client: Any) -> None:
-    failed = client.key_value_dir_get(_FAILED)
-    if failed:
-        client.key_value_set(f"{_SEEN}{_process_id()}", "1", allow_overwrite=True)
-        key, reason = sorted(failed)[0]
-        raise PeerFailedError(f"process {key.rsplit('/', 1)[1]} of the job stopped: {reason}")
+def _peer_failure(client: Any) -> PeerFailedError | None:
+    """The first failure another process recorded (marking it seen), or None."""
+    failed = [(key, reason) for key, reason in client.key_value_dir_get(_FAILED)
+              if key.rsplit("/", 1)[1] != str(_process_id())]
+    if not failed:
+        return None
+    client.key_value_set(f"{_SEEN}{_process_id()}", "1", allow_overwrite=True)
+    key, reason = sorted(failed)[0]
+    return PeerFailedError(f"process {key.rsplit('/', 1)[1]} of the job stopped: {reason}")
 
 
-def _wait_for(client: Any, prefix: str, count: int, timeout_s: float | None) -> bool:
-    """Wait until ``count`` keys exist under ``prefix`` (stopping if a peer failed, unless
-    ``timeout_s`` is given); whether they all came."""
-    deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    while len(client.key_value_dir_get(prefix)) < count:
-        if deadline is None:
-            _stop_if_a_peer_failed(client)
-        elif time.monotonic() > deadline:
+def _wait_for_all(client: Any, prefix: str) -> None:
+    """Wait until every process has a key under ``prefix``; stop if another one failed
+    (looked at once more after the last key came, so no failure slips through)."""
+    while len(client.key_value_dir_get(prefix)) < process_count():
+        if failure := _peer_failure(client):
+            raise failure
+        time.sleep(_POLL_S)
+    if failure := _peer_failure(client):
+        raise failure
+
+
+def _wait_for_ids(client: Any, prefixes: tuple[str, ...], timeout_s: float) -> bool:
+    """Wait (at most ``timeout_s``) until every other process has a key under one of
+    ``prefixes``; whether they all did."""
+    others = {str(i) for i in range(process_count())} - {str(_process_id())}
+    deadline = time.monotonic() + timeout_s
+    while True:
+        done = {key.rsplit("/", 1)[1] for prefix in prefixes
+                for key, _ in client.key_value_dir_get(prefix)}
+        if others <= done:
+            return True
+        if time.monotonic() > deadline:
             return False
         time.sleep(_POLL_S)
-    return True
 
 
 def _step_prefix(what: str) -> str:
@@ -215,7 +238,7 @@ def barrier(name: str) -> None:
         return
     client, prefix = _client(), _step_prefix(f"barrier/{name}")
     client.key_value_set(f"{prefix}{_process_id()}", "1")
-    _wait_for(client, prefix, process_count(), None)
+    _wait_for_all(client, prefix)
 
 
 def agree_across_processes(what: str, state: str) -> None:
@@ -230,7 +253,7 @@ def agree_across_processes(what: str, state: str) -> None:
     client, prefix = _client(), _step_prefix("agree")
     client.key_value_set(f"{prefix}{_process_id()}",
                          hashlib.sha256(state.encode("utf-8")).hexdigest())
-    _wait_for(client, prefix, process_count(), None)
+    _wait_for_all(client, prefix)
     if len({value for _, value in client.key_value_dir_get(prefix)}) > 1:
         raise UserError(
             f"the processes of the job disagree on {what}; give every process the same "
@@ -238,13 +261,11 @@ def agree_across_processes(what: str, state: str) -> None:
         )
 
 
-def _collective_failure(error: BaseException) -> UserError | None:
-    """A device collective broken by a process that stopped (JAX's gloo on CPU says so)."""
+def _collective_failure(error: BaseException) -> bool:
+    """Whether ``error`` is a device collective broken by a process that stopped (JAX's gloo
+    collectives on CPU raise it with "Gloo" in the first line)."""
     first = (str(error).strip().splitlines() or [""])[0]
-    if "Gloo" not in first and "Connection reset by peer" not in first:
-        return None
-    return UserError(f"a collective operation across the job's processes failed ({first[:200]}); "
-                     "another process has stopped: its log says why.")
+    return isinstance(error, (RuntimeError, ValueError)) and "Gloo" in first
 
 
 @contextlib.contextmanager
@@ -252,8 +273,9 @@ def reporting_failures() -> Iterator[None]:
     """Record this process's failure for the others, and wait (bounded) until they saw it.
 
     Inside a multi-process job, any exception (Ctrl-C included) is recorded as
-    ``lungct/failed/<id>`` with its first line, then re-raised; a broken collective becomes a
-    UserError that says another process stopped. Outside a job this does nothing.
+    ``lungct/failed/<id>`` with its first line, then re-raised. A broken collective becomes
+    the reason another process recorded, or else a UserError that says another process
+    stopped. Outside a job this does nothing.
     """
     try:
         yield
@@ -262,18 +284,25 @@ def reporting_failures() -> Iterator[None]:
     except BaseException as error:
         if process_count() == 1:
             raise
-        translated = _collective_failure(error)
-        _joined["collective_broken"] = translated is not None
-        reason = (str(translated or error).strip().splitlines() or [type(error).__name__])[0]
+        broken = _collective_failure(error)
+        _joined["collective_broken"] = broken
+        translated: UserError | None = None
         with contextlib.suppress(Exception):  # the service may be gone with process 0
             client = _client()
-            client.key_value_set(f"{_FAILED}{_process_id()}", reason[:500],
-                                 allow_overwrite=True)
-            # After a broken collective the peers are gone or see it break too: no wait.
-            if translated is None and not _wait_for(client, _SEEN, process_count() - 1,
-                                                    PEER_WAIT_S):
-                LOG.warning("not every process of the job saw this failure within %g s",
-                            PEER_WAIT_S)
+            if broken:  # the peers are gone or see it break too: no wait
+                translated = _peer_failure(client)
+            else:
+                reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+                client.key_value_set(f"{_FAILED}{_process_id()}", reason[:500],
+                                     allow_overwrite=True)
+                if not _wait_for_ids(client, (_SEEN, _FAILED), PEER_WAIT_S):
+                    LOG.warning("not every process of the job saw this failure within %g s",
+                                PEER_WAIT_S)
+        if broken and translated is None:
+            first = str(error).strip().splitlines()[0]
+            translated = UserError(f"a collective operation across the job's processes failed "
+                                   f"({first[:200]}); another process has stopped: its log "
+                                   "says why.")
         if translated is not None:
             raise translated from error
         raise
@@ -284,19 +313,20 @@ def leave(exit_code: int) -> int:
 
     After a failure the processes must not run JAX's shutdown (it waits for every process at
     a barrier, up to 5 minutes, and those that left never come): a process flushes its
-    output and exits at once. Process 0 hosts the coordination service, so it first waits
-    (up to :data:`PEER_WAIT_S`) until the others have left, unless a broken collective said
-    they are gone.
+    output and exits at once, ignoring a second Ctrl-C. Process 0 hosts the coordination
+    service, so it first waits (up to :data:`PEER_WAIT_S`) until the others have left,
+    unless a broken collective said they are gone.
     """
     if exit_code == 0 or process_count() == 1:
         return exit_code
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     with contextlib.suppress(Exception):  # the service may be gone with process 0
         client = _client()
-        if is_primary() and not _joined["collective_broken"]:  # else the others are gone
-            _wait_for(client, _LEFT, process_count() - 1, PEER_WAIT_S)
-            time.sleep(10 * _POLL_S)  # the others' last instructions after recording it
-        else:
+        if not is_primary():
             client.key_value_set(f"{_LEFT}{_process_id()}", "1", allow_overwrite=True)
+        elif not _joined["collective_broken"]:
+            _wait_for_ids(client, (_LEFT,), PEER_WAIT_S)
+            time.sleep(10 * _POLL_S)  # the others' last instructions after recording it
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

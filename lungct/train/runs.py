@@ -6,7 +6,7 @@ weights, fine-tuned layers and, for a fold, the fold index, K and the fold's val
 patients) equals the new one and ``model.keras`` still has the recorded SHA-256
 (lungct.fingerprint); otherwise lungct.train.phases trains it.
 
-In a multi-process job (lungct.train.distribute) every process trains, but only process 0
+In a multi-process job (lungct.train.job) every process trains, but only process 0
 writes: it runs :func:`train_or_reuse`, the others :func:`train_as_worker`, which trains in a
 scratch folder (seeded with the run's checkpoint, so that a resumed run resumes everywhere).
 All processes must agree on whether a run is reused, resumed or trained from the start.

@@ -11,7 +11,7 @@ validation AUC is selected; its temperature is fitted on its validation logits
 calibrated validation probabilities (Youden's J); ``training_results.json`` is written last
 (lungct.train.results, docs/formats.md).
 
-With ``--distribute data-parallel`` in a multi-process job (lungct.train.distribute), process 0
+With ``--distribute data-parallel`` in a multi-process job (lungct.train.job), process 0
 runs all of the above and is the only one that locks the output, builds the image cache and
 writes; every other process waits at a barrier until the cache is built, reads it, and trains
 the same models and folds in the same order beside process 0 (:func:`_run_as_worker`).
