@@ -164,11 +164,7 @@ def process_count() -> int:
 
 def is_primary() -> bool:
     """Whether this is process 0, the one that writes models, checkpoints and results."""
-    if not _joined["multi_process"]:
-        return True
-    import jax
-
-    return jax.process_index() == 0
+    return not _joined["multi_process"] or _process_id() == 0
 
 
 def _client() -> Any:
@@ -180,6 +176,7 @@ def _client() -> Any:
 
 
 def _process_id() -> int:
+    """This process's id in the job it joined (``jax.process_index``)."""
     import jax
 
     return jax.process_index()
